@@ -1,0 +1,303 @@
+"""The data sets of the experiments (notes §1, §7, §8): images held on the device, and the 2-D toy sets.
+
+- CIFAR-10 [Krizhevsky 2009]: 60000 colour images of 32x32 in 10 classes (50000 train, 10000 test), from the
+  official python archive `CIFAR10_URL` (md5 `CIFAR10_MD5`). It holds pickled batches (`cifar-10-batches-py/`,
+  the folder torchvision uses too), each a dict with b"data", a (10000, 3072) uint8 array whose rows are the R,
+  G, then B planes of a 32x32 image, row-major. Pickle can run code, so the archive is md5-verified before it is
+  extracted, and batches are read with an unpickler that admits numpy arrays and nothing else (a folder you put
+  there yourself is your own file, as in torchvision, but gets the same unpickler).
+- MNIST [LeCun et al. 1998]: 70000 grey 28x28 digits (60000 train, 10000 test) as four gzipped IDX files,
+  tried from `MNIST_MIRRORS` in order and md5-verified against `MNIST_MD5` (torchvision's values). Downloads go
+  to `<data_dir>/MNIST/raw/` (torchvision's layout); the files, gzipped or not, are also found in `<data_dir>`.
+- GMM: notes §7's mixture p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I) of [Song & Ermon 2019, Fig. 3], with the exact
+  score of its noised version q_sigma (notes §8) so that learned scores can be compared with the truth.
+- Swiss roll: sklearn's `make_swiss_roll` in its (x, z) plane, divided by 5: t = 1.5 pi (1 + 2u), u ~ U(0, 1),
+  x = (t cos t, t sin t) / 5 + noise * z, so the noiseless roll lies at radius |x| = t / 5 in [0.3 pi, 0.9 pi]
+  (about [0.94, 2.83]) and every point in [-2.83, 2.83]^2 up to the noise (std 0.1 by default).
+
+Downloads stream to `<name>.part`, are md5-checked, and only then renamed, so a final name is always a whole,
+verified file. Every problem a user can fix (no network, md5 mismatch, unsafe or corrupt file) raises
+`DataError` with a one-line message that says what to do.
+"""
+import gzip
+import hashlib
+import http.client
+import math
+import os
+import pickle
+import struct
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+GMM_WEIGHTS = (0.2, 0.8)
+GMM_MEANS = ((-5.0, -5.0), (5.0, 5.0))
+GMM_STD = 1.0
+
+
+class DataError(RuntimeError):
+    """A data problem the user can fix (no network, md5 mismatch, unsafe or corrupt file); the message is one line."""
+
+
+def _one_line(error):
+    return " ".join(str(error).split())
+
+
+def _md5(path):
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_md5(path, md5):
+    got = _md5(path)
+    if got != md5:
+        raise DataError(f"{path}: md5 mismatch, expected {md5}, got {got}; delete it to download it again")
+
+
+def _download(urls, path, md5, progress):
+    """Fetch the first of `urls` that answers with the right md5 to `path`, through `path.part`."""
+    part = path + ".part"
+    failures = []
+    try:
+        for url in urls:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+                    total = int(response.headers.get("Content-Length") or 0) or None
+                    disable = not progress or not sys.stderr.isatty()
+                    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                              desc=os.path.basename(path), disable=disable) as bar:
+                        for chunk in iter(lambda: response.read(1 << 20), b""):
+                            f.write(chunk)
+                            bar.update(len(chunk))
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as error:
+                failures.append(f"{url}: {_one_line(error)}")
+                continue
+            got = _md5(part)
+            if got == md5:
+                os.replace(part, path)  # only a verified file ever has the final name
+                return
+            failures.append(f"{url}: md5 mismatch, expected {md5}, got {got}")
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+    raise DataError(f"could not download {os.path.basename(path)} ({'; '.join(failures)}); "
+                    f"download it by hand and put it in {os.path.dirname(os.path.abspath(path))}")
+
+
+def _extract_tar(archive, folder):
+    """Extract `archive` into `folder`, refusing it whole unless every member is a file or directory inside."""
+    root = os.path.realpath(folder)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            for member in members:
+                # Checked here as well as by filter="data": older Pythons lack the filter and its rules vary.
+                target = os.path.realpath(os.path.join(root, member.name))
+                inside = target.startswith(root + os.sep) or (member.isdir() and target == root)  # "./" is fine
+                if (not (member.isfile() or member.isdir()) or os.path.isabs(member.name)
+                        or ".." in member.name.replace("\\", "/").split("/") or not inside):
+                    raise DataError(f"{archive}: refusing unsafe member {member.name!r} (only files and folders "
+                                    f"inside the destination are extracted)")
+            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(root, members=members, **extra)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{archive} is not a readable tar.gz archive ({_one_line(error)}); "
+                        f"delete it to download it again") from error
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR-10 batch: dicts, lists, bytes, numbers and numpy arrays; any other global is refused."""
+
+    allowed = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
+               ("_codecs", "encode")}  # how Python 3 writes bytes at protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path):
+    """(n, 3, 32, 32) uint8 images of one CIFAR-10 batch file."""
+    try:
+        with open(path, "rb") as f:
+            data = _BatchUnpickler(f, encoding="bytes").load()[b"data"]
+    except FileNotFoundError as error:
+        raise DataError(f"{path} is missing; complete {os.path.dirname(path)} or delete it to extract again") from error
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{path} is not a CIFAR-10 batch ({_one_line(error)})") from error
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise DataError(f"{path}: b'data' must be a (n, 3072) uint8 array, got {getattr(data, 'shape', type(data))}")
+    return data.reshape(-1, 3, 32, 32)  # rows are the R, G, B planes, each 32x32 row-major
+
+
+def load_cifar10(data_dir, train=True, download=True, progress=True, url=CIFAR10_URL, md5=CIFAR10_MD5):
+    """CIFAR-10 [Krizhevsky 2009] as uint8 (N, 3, 32, 32): the 50000 of data_batch_1..5 in order, or test_batch."""
+    folder = os.path.join(data_dir, CIFAR10_FOLDER)
+    if not os.path.isdir(folder):
+        archive = os.path.join(data_dir, CIFAR10_ARCHIVE)
+        os.makedirs(data_dir, exist_ok=True)
+        if os.path.exists(archive):
+            _check_md5(archive, md5)
+        elif download:
+            _download([url], archive, md5, progress)
+        else:
+            raise DataError(f"CIFAR-10 not found: put {CIFAR10_ARCHIVE} (from {url}) or its extracted "
+                            f"{CIFAR10_FOLDER}/ in {os.path.abspath(data_dir)}")
+        # Extract beside the destination, then rename: an interrupted run never leaves a half folder behind.
+        with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
+            _extract_tar(archive, tmp)
+            missing = [n for n in CIFAR10_FILES if not os.path.isfile(os.path.join(tmp, CIFAR10_FOLDER, n))]
+            if missing:
+                raise DataError(f"{archive} lacks {CIFAR10_FOLDER}/{missing[0]}; it is not the CIFAR-10 archive")
+            os.replace(os.path.join(tmp, CIFAR10_FOLDER), folder)
+    names = CIFAR10_FILES[:5] if train else ("test_batch",)
+    return torch.from_numpy(np.concatenate([_read_cifar_batch(os.path.join(folder, n)) for n in names]))
+
+
+def _read_idx(path, magic):
+    """The array of an IDX file (gzipped or not) after checking its magic number and its size against the header."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path} could not be read ({_one_line(error)}); delete it to download it again") from error
+    got = int.from_bytes(raw[:4], "big")
+    if len(raw) < 4 or got != magic:
+        raise DataError(f"{path}: not the expected IDX file (magic {got:#010x}, expected {magic:#010x})")
+    ndim = magic & 0xFF  # the magic's last byte counts the dimensions; the one before, 0x08, means uint8
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", raw[4:header]) if len(raw) >= header else ()
+    if len(raw) != header + math.prod(dims) or len(dims) != ndim:
+        raise DataError(f"{path}: {len(raw)} bytes, not what its header {dims} says; it is truncated or corrupt")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def _mnist_file(data_dir, name, download, progress, mirrors, md5):
+    """Path of the IDX file `name`: found uncompressed or gzipped (md5-checked), or else downloaded gzipped."""
+    raw_dir = os.path.join(data_dir, "MNIST", "raw")
+    for folder in (raw_dir, data_dir):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+        if os.path.isfile(path + ".gz"):
+            _check_md5(path + ".gz", md5[name + ".gz"])
+            return path + ".gz"
+    if not download:
+        raise DataError(f"MNIST file {name}.gz not found: put it (from {mirrors[0]}{name}.gz) "
+                        f"in {os.path.abspath(raw_dir)}")
+    os.makedirs(raw_dir, exist_ok=True)
+    path = os.path.join(raw_dir, name + ".gz")
+    _download([mirror + name + ".gz" for mirror in mirrors], path, md5[name + ".gz"], progress)
+    return path
+
+
+def load_mnist(data_dir, train=True, download=True, progress=True, mirrors=MNIST_MIRRORS, md5=MNIST_MD5):
+    """MNIST [LeCun et al. 1998] as uint8 (N, 1, 28, 28): the 60000 training or the 10000 test digits."""
+    prefix = "train" if train else "t10k"
+    find = lambda name: _mnist_file(data_dir, name, download, progress, mirrors, md5)  # noqa: E731
+    images = _read_idx(find(f"{prefix}-images-idx3-ubyte"), 0x00000803)  # (N, 28, 28)
+    labels = _read_idx(find(f"{prefix}-labels-idx1-ubyte"), 0x00000801)  # (N,)
+    if images.shape[1:] != (28, 28) or len(labels) != len(images):
+        raise DataError(f"MNIST {prefix} files disagree: images {images.shape}, labels {labels.shape}; "
+                        f"expected (N, 28, 28) and (N,)")
+    return torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, 28, 28); copy: frombuffer is read-only
+
+
+def _expand_like(t, x):
+    return t.reshape(-1, *[1] * (x.dim() - 1))
+
+
+class ImageData:
+    """A whole image set held on the device as uint8 (N, C, H, W), batched there with no host work per batch."""
+
+    def __init__(self, images, device=None, flip=False, dequantize=False):
+        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4):
+            raise ValueError(f"images must be a uint8 tensor of shape (N, C, H, W), got "
+                             f"{getattr(images, 'dtype', type(images))} of shape {tuple(getattr(images, 'shape', ()))}")
+        self.images = images.to(device) if device is not None else images
+        self.flip, self.dequantize = flip, dequantize
+
+    def __len__(self):
+        return len(self.images)
+
+    def batch(self, batch_size, generator=None):
+        """x in [0, 1] of shape (B, C, H, W): uniform random images, random horizontal flips, k/255 or (k + u)/256."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = self.images.device
+        x = self.images[torch.randint(len(self.images), (batch_size,), device=device, generator=generator)]
+        if self.flip:
+            flipped = torch.rand(batch_size, device=device, generator=generator) < 0.5  # (B,)
+            x = torch.where(_expand_like(flipped, x), x.flip(-1), x)
+        if self.dequantize:  # uniform dequantisation [NCSN]: a continuous density over the 256 bins of [0, 1]
+            return (x.float() + torch.rand(x.shape, device=device, generator=generator)) / 256
+        return x.float() / 255
+
+
+def _toy_device(device, generator):
+    """The device asked for, else the generator's, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def sample_gmm(n, generator=None, device=None, dtype=torch.float32):
+    """Exact samples (n, 2) of notes §7's p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I) [Song & Ermon 2019, Fig. 3]."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    device = _toy_device(device, generator)
+    weights = torch.tensor(GMM_WEIGHTS, device=device)
+    means = torch.tensor(GMM_MEANS, device=device, dtype=dtype)  # (K, 2)
+    k = torch.multinomial(weights, n, replacement=True, generator=generator)  # (n,) component of each sample
+    noise = torch.randn(n, 2, device=device, dtype=dtype, generator=generator)
+    return means[k] + GMM_STD * noise
+
+
+def gmm_noisy_score(x, sigma):
+    """grad_x log q_sigma(x) of the GMM noised as in notes §8: q_sigma = sum_k w_k N(mu_k, (std^2 + sigma^2) I)."""
+    if not isinstance(sigma, torch.Tensor) and sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    var = (GMM_STD ** 2 + sigma ** 2).reshape(-1, 1, 1)  # (B or 1, 1, 1), shared by all components
+    means = torch.tensor(GMM_MEANS, dtype=x.dtype, device=x.device)  # (K, 2)
+    log_w = torch.tensor(GMM_WEIGHTS, dtype=x.dtype, device=x.device).log()  # (K,)
+    diff = means - x.unsqueeze(1)  # (B, K, 2)
+    # Responsibilities by a softmax (logsumexp inside): the Gaussians' normalisers are equal and cancel.
+    resp = torch.softmax(log_w - diff.square().sum(-1) / (2 * var.squeeze(-1)), dim=1)  # (B, K)
+    return (resp.unsqueeze(-1) * diff / var).sum(1)  # (B, 2)
+
+
+def sample_swissroll(n, generator=None, device=None, noise=0.1, dtype=torch.float32):
+    """Swiss roll (n, 2): t = 1.5 pi (1 + 2u), x = (t cos t, t sin t) / 5 + noise * z (sklearn's, in its x-z plane)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    device = _toy_device(device, generator)
+    t = 1.5 * math.pi * (1 + 2 * torch.rand(n, device=device, dtype=dtype, generator=generator))  # (n,)
+    x = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1) / 5  # (n, 2)
+    if noise:
+        x = x + noise * torch.randn(n, 2, device=device, dtype=dtype, generator=generator)
+    return x

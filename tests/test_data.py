@@ -1,0 +1,404 @@
+"""Tests of data.py: downloads through the real code path from a loopback HTTP server serving small files in the
+exact upstream formats (CIFAR-10's python archive, MNIST's gzipped IDX files), their verification and safe
+extraction, batching on the device, and the 2-D toy sets against closed forms (notes §7, §8)."""
+import gzip
+import hashlib
+import http.server
+import io
+import math
+import os
+import pickle
+import socket
+import struct
+import tarfile
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from data import (GMM_MEANS, GMM_STD, GMM_WEIGHTS, ImageData, DataError, gmm_noisy_score, load_cifar10, load_mnist,
+                  sample_gmm, sample_swissroll)
+
+PIXEL = (5, 7)  # (row, col) of a planted pixel with distinct R, G, B; row != col catches a transposed layout
+RGB = (200, 100, 50)
+
+
+def md5_of(data):
+    return hashlib.md5(data).hexdigest()
+
+
+@pytest.fixture
+def server():
+    """A loopback HTTP server on 127.0.0.1 serving `files` (path -> bytes), 404 otherwise, recording every path."""
+    files, requests = {}, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            body = files.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    watchdog = threading.Timer(120, httpd.shutdown)  # the server stops by itself even if teardown never runs
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_address[1]}", files=files, requests=requests)
+    finally:
+        watchdog.cancel()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+def closed_url():
+    """A loopback URL where nothing listens: connecting is refused, as with no network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+# ---------------------------------------------------------------- CIFAR-10, in the upstream format
+
+def cifar_rows(n, seed):
+    """(n, 3072) uint8 rows in the upstream layout: R plane, G plane, B plane, each 32x32 row-major."""
+    rows = np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
+    row, col = PIXEL
+    for plane, value in enumerate(RGB):
+        rows[0, plane * 1024 + row * 32 + col] = value
+        rows[0, plane * 1024 + col * 32 + row] = plane + 1  # the transposed position holds something else
+    return rows
+
+
+def tar_add(tar, name, data=None, **fields):
+    info = tarfile.TarInfo(name)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    if data is None and info.type == tarfile.REGTYPE:
+        info.type = tarfile.DIRTYPE
+    info.size = len(data) if data is not None else 0
+    tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+def cifar_archive(extra=()):
+    """A small CIFAR-10 archive in the exact upstream format, its train rows, its test rows; `extra` adds members."""
+    sizes = (2, 3, 1, 2, 2)
+    train = [cifar_rows(n, seed) for seed, n in enumerate(sizes)]
+    test = cifar_rows(3, 99)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar_add(tar, "cifar-10-batches-py")
+        batches = [(f"data_batch_{i + 1}", f"training batch {i + 1} of 5", rows) for i, rows in enumerate(train)]
+        for name, label, rows in batches + [("test_batch", "testing batch 1 of 1", test)]:
+            batch = {b"batch_label": label.encode(), b"labels": [i % 10 for i in range(len(rows))], b"data": rows,
+                     b"filenames": [f"image_{i}.png".encode() for i in range(len(rows))]}
+            tar_add(tar, f"cifar-10-batches-py/{name}", pickle.dumps(batch, protocol=2))
+        meta = {b"num_cases_per_batch": 10000, b"num_vis": 3072,
+                b"label_names": [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
+                                 b"ship", b"truck"]}
+        tar_add(tar, "cifar-10-batches-py/batches.meta", pickle.dumps(meta, protocol=2))
+        tar_add(tar, "cifar-10-batches-py/readme.html", b"<meta HTTP-EQUIV=\"REFRESH\" content=\"0; url=...\">\n")
+        for name, data, fields in extra:
+            tar_add(tar, name, data, **fields)
+    images = lambda rows: torch.from_numpy(rows.reshape(-1, 3, 32, 32))  # noqa: E731
+    return buffer.getvalue(), images(np.concatenate(train)), images(test)
+
+
+def test_cifar10_download_gives_the_images_written_and_is_reused(server, tmp_path):
+    archive, train, test = cifar_archive()
+    server.files["/cifar-10-python.tar.gz"] = archive
+    url = server.url + "/cifar-10-python.tar.gz"
+    x = load_cifar10(tmp_path, url=url, md5=md5_of(archive), progress=False)
+    assert x.dtype == torch.uint8 and x.shape == (10, 3, 32, 32)
+    assert torch.equal(x, train)
+    assert tuple(x[0, :, PIXEL[0], PIXEL[1]].tolist()) == RGB  # channel order and row-major layout
+    assert server.requests == ["/cifar-10-python.tar.gz"]
+    # The extracted folder serves the test split and later calls, with no request at all.
+    assert torch.equal(load_cifar10(tmp_path, train=False, url=url, md5=md5_of(archive), progress=False), test)
+    assert torch.equal(load_cifar10(tmp_path, url=url, md5=md5_of(archive), progress=False), train)
+    assert server.requests == ["/cifar-10-python.tar.gz"]
+    assert sorted(os.listdir(tmp_path)) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_cifar10_existing_archive_is_extracted_without_downloading(server, tmp_path):
+    archive, train, _ = cifar_archive(extra=[("./", None, {})])  # a "./" entry, as some tar tools write, is safe
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(archive)
+    x = load_cifar10(tmp_path, url=server.url + "/cifar-10-python.tar.gz", md5=md5_of(archive), progress=False)
+    assert torch.equal(x, train)
+    assert server.requests == []
+
+
+def test_cifar10_md5_mismatch_is_refused_and_leaves_nothing(server, tmp_path):
+    archive, _, _ = cifar_archive()
+    server.files["/cifar-10-python.tar.gz"] = archive
+    wrong = "0" * 32
+    with pytest.raises(DataError, match=f"cifar-10-python.tar.gz.*expected {wrong}, got {md5_of(archive)}"):
+        load_cifar10(tmp_path, url=server.url + "/cifar-10-python.tar.gz", md5=wrong, progress=False)
+    assert os.listdir(tmp_path) == []
+    # An archive already there with the wrong md5 is not extracted either.
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(archive)
+    with pytest.raises(DataError, match=f"expected {wrong}"):
+        load_cifar10(tmp_path, download=False, md5=wrong)
+    assert os.listdir(tmp_path) == ["cifar-10-python.tar.gz"]
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "device"])
+def test_cifar10_unsafe_archive_is_refused_and_writes_nothing(tmp_path, kind):
+    outside = tmp_path / "evil"
+    member = {
+        "dotdot": ("cifar-10-batches-py/../../evil", b"x", {}),
+        "absolute": (str(outside), b"x", {}),
+        "symlink": ("cifar-10-batches-py/link", None, {"type": tarfile.SYMTYPE, "linkname": str(outside)}),
+        "hardlink": ("cifar-10-batches-py/link", None, {"type": tarfile.LNKTYPE, "linkname": "../../evil"}),
+        "device": ("cifar-10-batches-py/null", None, {"type": tarfile.CHRTYPE, "devmajor": 1, "devminor": 3}),
+    }[kind]
+    archive, _, _ = cifar_archive(extra=[member])  # the unsafe member comes after the good ones
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "cifar-10-python.tar.gz").write_bytes(archive)
+    with pytest.raises(DataError, match="unsafe member"):
+        load_cifar10(data_dir, download=False, md5=md5_of(archive))
+    assert sorted(os.listdir(tmp_path)) == ["data"]
+    assert os.listdir(data_dir) == ["cifar-10-python.tar.gz"]  # not even the safe members were extracted
+
+
+class _Opens:
+    """A pickle that, loaded by a plain unpickler, would create a file: what a hostile batch could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_cifar10_batch_with_a_foreign_global_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "created"
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": _Opens(str(marker))}, protocol=2))
+    with pytest.raises(DataError, match="not allowed"):
+        load_cifar10(tmp_path, train=False, download=False)
+    assert not marker.exists()
+
+
+def test_cifar10_without_network_names_the_url_and_the_folder(tmp_path):
+    url = closed_url() + "/cifar-10-python.tar.gz"
+    with pytest.raises(DataError) as error:
+        load_cifar10(tmp_path, url=url, progress=False)
+    message = str(error.value)
+    assert url in message and str(tmp_path) in message and "\n" not in message
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- MNIST, in the upstream format
+
+def idx(magic, array):
+    """The bytes of an IDX file: big-endian magic, big-endian uint32 dimensions, then the uint8 data."""
+    return struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def mnist_files():
+    """The four gzipped IDX files (name -> bytes) and the train and test images written into them."""
+    rng = np.random.default_rng(0)
+    files, images = {}, {}
+    for prefix, n in (("train", 4), ("t10k", 3)):
+        digits = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        digits.reshape(n, -1)[0, 3 * 28 + 20] = 255  # flat, row-major: row 3, column 20
+        digits.reshape(n, -1)[0, 20 * 28 + 3] = 0
+        files[f"{prefix}-images-idx3-ubyte.gz"] = gzip.compress(idx(0x00000803, digits))
+        files[f"{prefix}-labels-idx1-ubyte.gz"] = gzip.compress(idx(0x00000801, rng.integers(0, 10, n, dtype=np.uint8)))
+        images[prefix] = torch.from_numpy(digits).unsqueeze(1)
+    return files, images
+
+
+def test_mnist_falls_back_to_the_second_mirror_and_is_reused(server, tmp_path):
+    files, images = mnist_files()
+    for name, data in files.items():
+        server.files[f"/good/{name}"] = data
+    mirrors = (server.url + "/missing/", server.url + "/good/")
+    md5 = {name: md5_of(data) for name, data in files.items()}
+    x = load_mnist(tmp_path, mirrors=mirrors, md5=md5, progress=False)
+    assert x.dtype == torch.uint8 and x.shape == (4, 1, 28, 28)
+    assert torch.equal(x, images["train"]) and x[0, 0, 3, 20] == 255 and x[0, 0, 20, 3] == 0
+    assert server.requests == ["/missing/train-images-idx3-ubyte.gz", "/good/train-images-idx3-ubyte.gz",
+                               "/missing/train-labels-idx1-ubyte.gz", "/good/train-labels-idx1-ubyte.gz"]
+    assert torch.equal(load_mnist(tmp_path, train=False, mirrors=mirrors, md5=md5, progress=False), images["t10k"])
+    assert len(server.requests) == 8
+    assert torch.equal(load_mnist(tmp_path, mirrors=mirrors, md5=md5, progress=False), images["train"])
+    assert len(server.requests) == 8
+    assert sorted(os.listdir(tmp_path / "MNIST" / "raw")) == sorted(files)
+
+
+@pytest.mark.parametrize("where", [".", "MNIST/raw"])
+def test_mnist_finds_uncompressed_files_without_downloading(tmp_path, where):
+    files, images = mnist_files()
+    folder = tmp_path / where
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name[:-3]).write_bytes(gzip.decompress(data))
+    x = load_mnist(tmp_path, train=False, mirrors=(closed_url() + "/",), progress=False)
+    assert torch.equal(x, images["t10k"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "long", "magic", "gzip"])
+def test_mnist_corrupt_idx_is_refused(tmp_path, damage):
+    files, _ = mnist_files()
+    raw = gzip.decompress(files["t10k-images-idx3-ubyte.gz"])
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress(files["t10k-labels-idx1-ubyte.gz"]))
+    md5 = None
+    if damage == "gzip":  # a gzip cut short, yet with the md5 it was published with
+        cut = files["t10k-images-idx3-ubyte.gz"][:-20]
+        (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(cut)
+        md5 = {"t10k-images-idx3-ubyte.gz": md5_of(cut)}
+    else:
+        bad = {"truncated": raw[:-1], "long": raw + b"\0", "magic": struct.pack(">I", 0x00000801) + raw[4:]}[damage]
+        (tmp_path / "t10k-images-idx3-ubyte").write_bytes(bad)
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
+        load_mnist(tmp_path, train=False, download=False, md5=md5)
+
+
+def test_mnist_without_network_names_every_url_and_the_folder(tmp_path):
+    mirrors = (closed_url() + "/a/", closed_url() + "/b/")
+    with pytest.raises(DataError) as error:
+        load_mnist(tmp_path, mirrors=mirrors, progress=False)
+    message = str(error.value)
+    for mirror in mirrors:
+        assert mirror + "train-images-idx3-ubyte.gz" in message
+    assert str(tmp_path / "MNIST" / "raw") in message and "\n" not in message
+    assert os.listdir(tmp_path / "MNIST" / "raw") == []
+
+
+# ---------------------------------------------------------------- batches on the device
+
+def test_image_data_batch_draws_set_images_scaled_to_unit_interval():
+    images = torch.randint(0, 256, (5, 3, 4, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = ImageData(images).batch(64, torch.Generator().manual_seed(1))
+    assert x.dtype == torch.float32 and x.shape == (64, 3, 4, 6)
+    assert x.min() >= 0 and x.max() <= 1
+    # Every element is one of the images divided by 255, and every image is drawn.
+    match = (x.unsqueeze(1) == images.float().unsqueeze(0) / 255).flatten(2).all(-1)  # (64, 5)
+    assert (match.sum(1) == 1).all() and match.any(0).all()
+
+
+def test_image_data_flips_horizontally_and_nothing_else():
+    image = torch.arange(2 * 3 * 5, dtype=torch.uint8).reshape(1, 2, 3, 5)  # asymmetric under every flip
+    data = ImageData(image, flip=True)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.cat([data.batch(100, generator) for _ in range(10)])  # (1000, 2, 3, 5)
+    original = (x == image.float() / 255).flatten(1).all(1)
+    mirrored = (x == image.flip(-1).float() / 255).flatten(1).all(1)
+    assert (original ^ mirrored).all()
+    n = len(x)
+    assert abs(mirrored.double().mean() - 0.5) < 5 * math.sqrt(0.25 / n)
+
+
+def test_image_data_batches_repeat_under_a_seeded_generator():
+    images = torch.randint(0, 256, (7, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for flip, dequantize in [(False, False), (True, True)]:
+        data = ImageData(images, flip=flip, dequantize=dequantize)
+        first = [data.batch(8, torch.Generator().manual_seed(3)) for _ in range(2)]
+        assert torch.equal(first[0], first[1])
+
+
+def test_image_data_dequantisation_stays_in_the_pixel_bin():
+    image = torch.tensor([0, 1, 128, 255], dtype=torch.uint8).reshape(1, 1, 2, 2)
+    x = ImageData(image, dequantize=True).batch(2000, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.floor(x * 256), image.float().expand_as(x))  # (k + u) / 256 with u in [0, 1)
+    u = x * 256 - image.float()  # uniform on [0, 1): mean 1/2, variance 1/12
+    assert abs(u.double().mean() - 0.5) < 5 * math.sqrt(1 / 12 / u.numel())
+
+
+def test_image_data_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        ImageData(torch.rand(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="batch_size"):
+        ImageData(torch.zeros(2, 1, 4, 4, dtype=torch.uint8)).batch(0)
+
+
+# ---------------------------------------------------------------- 2-D toy sets
+
+def test_sample_gmm_matches_the_mixture():
+    n = 100_000
+    x = sample_gmm(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert x.shape == (n, 2)
+    second = x.sum(1) > 0  # the modes are 5 sqrt(2) standard deviations from the line between them
+    frac = second.double().mean()
+    assert abs(frac - GMM_WEIGHTS[1]) < 5 * math.sqrt(GMM_WEIGHTS[0] * GMM_WEIGHTS[1] / n)
+    for mean, mask in zip(GMM_MEANS, (~second, second)):
+        xs = x[mask]
+        m = len(xs)
+        se_mean = xs.std(0) / math.sqrt(m)
+        assert ((xs.mean(0) - torch.tensor(mean, dtype=x.dtype)).abs() < 5 * se_mean).all()
+        var = xs.var(0)
+        se_var = (((xs - xs.mean(0)) ** 4).mean(0) - var ** 2).sqrt() / math.sqrt(m)
+        assert ((var - GMM_STD ** 2).abs() < 5 * se_var).all()
+
+
+def noisy_log_density(x, sigma):
+    """log q_sigma(x) by torch.distributions: per-example mixtures with components N(mu_k, (std^2 + sigma^2) I)."""
+    batch, k = len(x), len(GMM_WEIGHTS)
+    scale = (GMM_STD ** 2 + sigma ** 2).sqrt().reshape(batch, 1, 1).expand(batch, k, 2)
+    loc = torch.tensor(GMM_MEANS, dtype=x.dtype).expand(batch, k, 2)
+    mixture = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(probs=torch.tensor(GMM_WEIGHTS, dtype=x.dtype).expand(batch, k)),
+        torch.distributions.Independent(torch.distributions.Normal(loc, scale), 1))
+    return mixture.log_prob(x)  # (B,)
+
+
+@given(seed=st.integers(0, 2 ** 31 - 1), sigma=st.floats(0.0, 20.0), batch=st.integers(1, 16),
+       spread=st.sampled_from([1.0, 10.0, 40.0]))
+def test_gmm_noisy_score_is_the_gradient_of_the_noisy_log_density(seed, sigma, batch, spread):
+    generator = torch.Generator().manual_seed(seed)
+    x = (spread * torch.randn(batch, 2, generator=generator, dtype=torch.float64)).requires_grad_()
+    sigmas = sigma * torch.rand(batch, generator=generator, dtype=torch.float64)
+    for s, s_tensor in [(sigma, torch.full((batch,), sigma, dtype=torch.float64)), (sigmas, sigmas)]:
+        expected, = torch.autograd.grad(noisy_log_density(x, s_tensor).sum(), x)
+        torch.testing.assert_close(gmm_noisy_score(x.detach(), s), expected)
+
+
+def test_gmm_noisy_score_is_finite_far_out_in_float32():
+    x = torch.tensor([[60.0, -60.0], [-80.0, -80.0], [0.0, 0.0]])
+    assert torch.isfinite(gmm_noisy_score(x, 0.01)).all()
+
+
+def test_toy_samplers_reject_bad_input():
+    with pytest.raises(ValueError, match="n must be"):
+        sample_gmm(0)
+    with pytest.raises(ValueError, match="n must be"):
+        sample_swissroll(0)
+    with pytest.raises(ValueError, match="sigma must be"):
+        gmm_noisy_score(torch.zeros(1, 2), -0.1)
+
+
+def test_sample_swissroll_lies_on_the_documented_roll():
+    n = 50_000
+    clean = sample_swissroll(n, generator=torch.Generator().manual_seed(0), noise=0.0, dtype=torch.float64)
+    r = clean.norm(dim=1)  # = t / 5
+    torch.testing.assert_close(clean, r.unsqueeze(1) * torch.stack([torch.cos(5 * r), torch.sin(5 * r)], 1))
+    assert r.min() >= 0.3 * math.pi - 1e-12 and r.max() <= 0.9 * math.pi + 1e-12
+    assert abs(r.mean() - 0.6 * math.pi) < 5 * r.std() / math.sqrt(n)  # t is uniform on [1.5 pi, 4.5 pi]
+    # The same draws with the default noise: the difference is N(0, 0.1^2 I).
+    noisy = sample_swissroll(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    diff = noisy - clean
+    assert (diff.mean(0).abs() < 5 * 0.1 / math.sqrt(n)).all()
+    assert ((diff.std(0) - 0.1).abs() < 5 * 0.1 / math.sqrt(2 * n)).all()
+    x = sample_swissroll(n, generator=torch.Generator().manual_seed(1))
+    assert x.shape == (n, 2) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert x.abs().max() <= 0.9 * math.pi + 6 * 0.1  # the documented square, up to six noise deviations
