@@ -1,0 +1,299 @@
+"""Tests for langevin.py (notes §6, §7, §9): closed forms of Langevin dynamics on Gaussians, mode weights of the
+two-mode mixture, Tweedie's denoising step, and the samplers' contract (seeds, shapes, callbacks, bad input)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from langevin import _two_modes_score, annealed_langevin_dynamics, langevin_dynamics
+
+f64 = torch.float64
+
+
+def _expand_like(sigma, x):
+    """Reshape a per-example (B,) tensor so it broadcasts against x of shape (B, *event_shape)."""
+    return sigma.reshape(-1, *[1] * (x.dim() - 1))
+
+
+def _gaussian_noisy_score(mu, s):
+    """Exact score of q_sigma = N(mu, (s^2 + sigma^2) I), the data N(mu, s^2 I) convolved with N(0, sigma^2 I)."""
+    return lambda x, sigma: -(x - mu) / (s ** 2 + _expand_like(sigma, x) ** 2)
+
+
+@st.composite
+def gaussians(draw, max_dim=4):
+    """A mean and an SPD covariance in D = 1..max_dim dimensions, eigenvalues in [c, c + D], c in [0.5, 1]."""
+    d = draw(st.integers(1, max_dim))
+    mu = torch.tensor(draw(st.lists(st.floats(-3, 3), min_size=d, max_size=d)), dtype=f64)
+    a = torch.tensor(draw(st.lists(st.floats(-1, 1), min_size=d * d, max_size=d * d)), dtype=f64).reshape(d, d)
+    cov = a @ a.T / d + draw(st.floats(0.5, 1.0)) * torch.eye(d, dtype=f64)  # condition number at most 9
+    return mu, cov
+
+
+# ---- §6: unadjusted Langevin on Gaussians ---------------------------------------------------------------------
+
+@given(s=st.floats(0.3, 3.0), mu=st.floats(-3, 3), contraction=st.floats(0.2, 0.6))
+def test_langevin_reaches_ula_stationary_variance_on_1d_gaussian(s, mu, contraction):
+    # On N(mu, s^2), x <- x + (eps/2)(-(x - mu)/s^2) + sqrt(eps) z is the AR(1) recursion with a = 1 - eps/(2 s^2):
+    # stationary N(mu, eps / (1 - a^2)), which the doubled-step convention (x + eps s + sqrt(2 eps) z) misses.
+    step_size = 2 * contraction * s ** 2
+    a = 1 - contraction
+    n_steps = math.ceil(math.log(1e-10) / (2 * math.log(a)))  # a^(2T) < 1e-10: the start is forgotten
+    n = 10_000
+    x0 = torch.zeros(n, 1, dtype=f64)
+    x = langevin_dynamics(lambda y: -(y - mu) / s ** 2, x0, step_size, n_steps,
+                          generator=torch.Generator().manual_seed(0))
+    var = step_size / (1 - a ** 2)
+    assert abs(x.mean().item() - mu) < 5 * math.sqrt(var / n)
+    assert abs(x.var().item() - var) < 5 * var * math.sqrt(2 / (n - 1))
+
+
+@given(s=st.floats(0.3, 3.0), step_size=st.floats(1e-3, 2.0), n_steps=st.integers(0, 8))
+def test_langevin_step_is_the_notes_update(s, step_size, n_steps):
+    # With a linear score and given noise the whole chain has a closed form:
+    # x_T = a^T x_0 + sqrt(eps) sum_t a^(T-1-t) z_t, a = 1 - eps / (2 s^2).
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(16, 3, generator=g, dtype=f64)
+    noise = torch.randn(n_steps, 16, 3, generator=g, dtype=f64)
+    x = langevin_dynamics(lambda y: -y / s ** 2, x0, step_size, n_steps, noise=noise)
+    a = 1 - step_size / (2 * s ** 2)
+    expected = a ** n_steps * x0 + math.sqrt(step_size) * sum(a ** (n_steps - 1 - t) * noise[t] for t in range(n_steps))
+    torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-10)
+
+
+@given(gaussian=gaussians(), relative_step=st.floats(0.5, 1.5))
+def test_langevin_matches_ula_stationary_law_of_multivariate_gaussian(gaussian, relative_step):
+    # On N(mu, Sigma) the chain is x - mu <- M (x - mu) + sqrt(eps) z with M = I - (eps/2) Sigma^-1: its stationary
+    # law is N(mu, C), C solving the discrete Lyapunov equation C = M C M^T + eps I.
+    mu, cov = gaussian
+    d = len(mu)
+    precision = torch.linalg.inv(cov)
+    step_size = relative_step * torch.linalg.eigvalsh(cov).min().item()
+    m = torch.eye(d, dtype=f64) - step_size / 2 * precision
+    c = torch.linalg.solve(torch.eye(d * d, dtype=f64) - torch.kron(m, m),
+                           step_size * torch.eye(d, dtype=f64).reshape(-1)).reshape(d, d)  # row-major vec
+    rho = torch.linalg.eigvalsh(m).abs().max().item()
+    n_steps = math.ceil(math.log(1e-8) / (2 * math.log(rho)))  # rho^(2T) < 1e-8: the start is forgotten
+    n = 4000
+    x = langevin_dynamics(lambda y: -(y - mu) @ precision, mu.expand(n, d), step_size, n_steps,
+                          generator=torch.Generator().manual_seed(2))
+    mean_se = (torch.diagonal(c) / n).sqrt()
+    assert ((x.mean(0) - mu).abs() < 5 * mean_se).all()
+    cov_se = ((torch.diagonal(c)[:, None] * torch.diagonal(c)[None, :] + c ** 2) / n).sqrt()
+    assert ((torch.cov(x.T).reshape(d, d) - c).abs() < 5 * cov_se).all()
+
+
+# ---- §9: annealed Langevin dynamics ---------------------------------------------------------------------------
+
+@st.composite
+def geometric_sigmas(draw):
+    n_levels = draw(st.integers(1, 4))
+    sigma_max, ratio = draw(st.floats(0.5, 5.0)), draw(st.floats(0.3, 0.8))
+    return [sigma_max * ratio ** i for i in range(n_levels)]
+
+
+@given(s=st.floats(0.3, 2.0), mu=st.floats(-2, 2), start=st.floats(-5, 5), sigmas=geometric_sigmas(),
+       relative_step=st.floats(0.05, 1.0), n_steps_each=st.integers(0, 6), denoise=st.booleans())
+def test_annealed_langevin_matches_closed_form_on_gaussian(s, mu, start, sigmas, relative_step, n_steps_each, denoise):
+    # With the exact noisy score of N(mu, s^2), every step is affine in x, so the chains stay Gaussian: at level i,
+    # alpha_i = step_size sigma_i^2 / sigma_L^2 and a_i = 1 - alpha_i / (2 (s^2 + sigma_i^2)) move the mean and variance
+    # by m - mu <- a_i (m - mu), v <- a_i^2 v + alpha_i; the denoising step scales x - mu by s^2 / (s^2 + sigma_L^2).
+    step_size = relative_step * sigmas[-1] ** 2
+    mean, var = start, 0.0
+    for sigma in sigmas:
+        alpha = step_size * sigma ** 2 / sigmas[-1] ** 2
+        a = 1 - alpha / (2 * (s ** 2 + sigma ** 2))
+        for _ in range(n_steps_each):
+            mean, var = mu + a * (mean - mu), a ** 2 * var + alpha
+    if denoise:
+        b = s ** 2 / (s ** 2 + sigmas[-1] ** 2)
+        mean, var = mu + b * (mean - mu), b ** 2 * var
+
+    x0 = torch.full((4000, 2), start, dtype=f64)
+    x = annealed_langevin_dynamics(_gaussian_noisy_score(mu, s), x0, torch.tensor(sigmas, dtype=f64), step_size,
+                                   n_steps_each, denoise=denoise, generator=torch.Generator().manual_seed(3)).flatten()
+    n = x.numel()  # the two coordinates are independent chains
+    assert abs(x.mean().item() - mean) <= 5 * math.sqrt(var / n) + 1e-9
+    assert abs(x.var().item() - var) <= 5 * var * math.sqrt(2 / (n - 1)) + 1e-9
+
+
+def _mixture_log_density(x, sigma):
+    """log q_sigma(x) up to a constant, for 1/5 N((-5,-5), (1 + sigma^2) I) + 4/5 N((5,5), (1 + sigma^2) I)."""
+    means = torch.tensor([[-5.0, -5.0], [5.0, 5.0]], dtype=x.dtype)
+    var = 1 + _expand_like(sigma, x) ** 2  # (B, 1)
+    log_n = -((x[:, None, :] - means) ** 2).sum(-1) / (2 * var) - torch.log(var)  # (B, 2); 2-D Gaussian log-density
+    return torch.logsumexp(log_n + torch.tensor([0.2, 0.8], dtype=x.dtype).log(), dim=1)  # (B,)
+
+
+def _mixture_score(x, sigma):
+    """grad_x log q_sigma(x) by autograd, independent of any closed form."""
+    with torch.enable_grad():
+        y = x.detach().clone().requires_grad_()
+        return torch.autograd.grad(_mixture_log_density(y, sigma).sum(), y)[0]
+
+
+def test_figure_score_is_the_gradient_of_the_mixture_log_density():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 2, generator=g, dtype=f64) * 8  # near both modes, between them, and far out
+    sigma = torch.rand(512, generator=g, dtype=f64) * 20
+    torch.testing.assert_close(_two_modes_score(x, sigma), _mixture_score(x, sigma))
+    torch.testing.assert_close(_two_modes_score(x), _mixture_score(x, torch.zeros(512, dtype=f64)))
+
+
+def test_annealed_langevin_recovers_mode_weights_and_langevin_does_not():
+    # Notes §7: inside each mode the score ignores the weights, so plain Langevin keeps the uniform start's
+    # roughly even split, while annealing through large sigmas, where the modes overlap, restores 1/5 : 4/5.
+    # Ten levels and a finite T leave a small bias in the weights (about 0.02 here, 1.4 standard errors at n = 1000).
+    # The score is the figure's closed form, checked against autograd above.
+    n, n_steps_each, step_size = 1000, 30, 0.5
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(n, 2, generator=g) * 16 - 8  # uniform on [-8, 8]^2
+    sigmas = torch.logspace(math.log10(20.0), 0.0, 10)  # the paper's toy levels, 20 -> 1
+    annealed = annealed_langevin_dynamics(_two_modes_score, x0, sigmas, step_size, n_steps_each, denoise=False,
+                                          generator=g)
+    # The same number of score evaluations, at the step annealing ends with.
+    plain = langevin_dynamics(_two_modes_score, x0, step_size, len(sigmas) * n_steps_each, generator=g)
+    weight, se = 0.2, math.sqrt(0.2 * 0.8 / n)  # binomial standard error of the fraction in the small mode
+    assert abs((annealed.sum(1) < 0).float().mean().item() - weight) < 5 * se
+    assert (plain.sum(1) < 0).float().mean().item() - weight > 5 * se
+
+
+# ---- Tweedie's denoising step (Song & Ermon 2020) -------------------------------------------------------------
+
+def test_denoising_step_is_x_plus_sigma_last_squared_times_score():
+    def score_fn(x, sigma):  # nonlinear and sigma-dependent, so a wrong sigma or a wrong power shows
+        return torch.sin(x) / _expand_like(sigma, x) + x ** 2
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 3, 4, 4, generator=g, dtype=f64)
+    sigmas = [2.0, 0.7, 0.3]
+    out = annealed_langevin_dynamics(score_fn, x, sigmas, 0.5, 0, denoise=True, generator=g)
+    sigma_last = torch.full((8,), sigmas[-1], dtype=f64)
+    torch.testing.assert_close(out, x + sigmas[-1] ** 2 * score_fn(x, sigma_last), rtol=1e-12, atol=1e-12)
+
+
+@given(gaussian=gaussians(), sigmas=geometric_sigmas())
+def test_denoising_with_exact_score_is_posterior_mean_on_gaussian(gaussian, sigmas):
+    # Tweedie: for x = x_0 + sigma z with x_0 ~ N(mu, Sigma), x + sigma^2 grad log q_sigma(x) = E[x_0 | x]
+    # = Sigma (Sigma + sigma^2 I)^-1 (x - mu) + mu.
+    mu, cov = gaussian
+    d = len(mu)
+
+    def score_fn(x, sigma):  # grad log N(x; mu, Sigma + sigma^2 I), per example
+        noisy_cov = cov + sigma.reshape(-1, 1, 1) ** 2 * torch.eye(d, dtype=f64)  # (B, D, D)
+        return -torch.linalg.solve(noisy_cov, x - mu)
+
+    x = mu + 3 * torch.randn(64, d, generator=torch.Generator().manual_seed(7), dtype=f64)
+    out = annealed_langevin_dynamics(score_fn, x, sigmas, 0.1, 0, denoise=True)
+    noisy_cov = cov + sigmas[-1] ** 2 * torch.eye(d, dtype=f64)
+    posterior_mean = torch.linalg.solve(noisy_cov, x - mu, left=False) @ cov + mu  # (x - mu)^T (Sigma + s^2 I)^-1 Sigma
+    torch.testing.assert_close(out, posterior_mean, rtol=1e-9, atol=1e-9)
+
+
+# ---- the samplers' contract -----------------------------------------------------------------------------------
+
+def _decay(x, sigma):
+    return -x / (1 + _expand_like(sigma, x) ** 2)
+
+
+def _run(kind, x, seed=None, **kwargs):
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    if kind == "langevin":
+        return langevin_dynamics(lambda y: -y, x, 0.1, 7, generator=g, **kwargs)
+    return annealed_langevin_dynamics(_decay, x, [3.0, 1.0, 0.3], 0.01, 3, generator=g, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["langevin", "annealed"])
+def test_seed_fixes_samples_and_input_is_untouched(kind):
+    x = torch.randn(32, 5)
+    before = x.clone()
+    first, again, other = _run(kind, x, seed=0), _run(kind, x, seed=0), _run(kind, x, seed=1)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("kind", ["langevin", "annealed"])
+def test_image_batches_evolve_like_flattened_vectors(kind):
+    # The update is elementwise given the score, so (B, C, H, W) chains equal their flattened (B, D) twins
+    # when the same seed draws the same noise.
+    x = torch.randn(4, 3, 8, 8, dtype=f64)
+    image = _run(kind, x, seed=8)
+    flat = _run(kind, x.flatten(1), seed=8)
+    assert image.shape == x.shape and image.dtype == f64
+    torch.testing.assert_close(image.flatten(1), flat, rtol=0, atol=0)
+
+
+def test_score_sees_each_level_as_a_batch_of_sigmas():
+    seen = []
+
+    def score_fn(x, sigma):
+        seen.append(sigma.clone())
+        return -x
+
+    x = torch.randn(6, 2)
+    sigmas, n_steps_each = [4.0, 2.0, 1.0], 3
+    annealed_langevin_dynamics(score_fn, x, torch.tensor(sigmas), 0.01, n_steps_each, denoise=True)
+    expected = [s for s in sigmas for _ in range(n_steps_each)] + [sigmas[-1]]
+    assert [tuple(s.shape) for s in seen] == [(6,)] * len(expected)
+    assert [s.unique().tolist() for s in seen] == [[s] for s in expected]
+
+
+@pytest.mark.parametrize("denoise", [True, False])
+def test_callback_sees_every_step(denoise):
+    calls = []
+    x = torch.randn(5, 2)
+    out = annealed_langevin_dynamics(_decay, x, [2.0, 1.0], 0.1, 4, denoise=denoise,
+                                     callback=lambda step, y: calls.append((step, y.clone())))
+    assert [step for step, _ in calls] == list(range(2 * 4 + denoise))
+    assert torch.equal(calls[-1][1], out)
+    calls.clear()
+    out = langevin_dynamics(lambda y: -y, x, 0.1, 6, callback=lambda step, y: calls.append((step, y.clone())))
+    assert [step for step, _ in calls] == list(range(6))
+    assert torch.equal(calls[-1][1], out)
+
+
+def test_zero_steps_return_a_copy_of_the_input():
+    x = torch.randn(4, 3)
+    out = langevin_dynamics(lambda y: -y, x, 0.1, 0)
+    out_annealed = annealed_langevin_dynamics(_decay, x, [1.0], 0.1, 0, denoise=False)
+    assert torch.equal(out, x) and torch.equal(out_annealed, x)
+    out.add_(1.0)
+    assert not torch.equal(out, x)
+
+
+@pytest.mark.parametrize("sigmas, match", [
+    ([0.5, 1.0], "strictly descending"),
+    ([1.0, 1.0], "strictly descending"),
+    ([1.0, 0.0], "> 0"),
+    ([1.0, -0.1], "> 0"),
+    ([], "at least one"),
+    (torch.ones(2, 2), "1-D"),
+])
+def test_bad_sigmas_raise(sigmas, match):
+    with pytest.raises(ValueError, match=match):
+        annealed_langevin_dynamics(_decay, torch.zeros(2, 2), sigmas, 0.1, 1)
+
+
+@pytest.mark.parametrize("step_size", [0.0, -0.1, float("nan")])
+def test_bad_step_size_raises(step_size):
+    with pytest.raises(ValueError, match="step_size"):
+        langevin_dynamics(lambda y: -y, torch.zeros(2, 2), step_size, 1)
+    with pytest.raises(ValueError, match="step_size"):
+        annealed_langevin_dynamics(_decay, torch.zeros(2, 2), [1.0], step_size, 1)
+
+
+def test_negative_steps_and_bad_noise_raise():
+    x = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="n_steps must be >= 0"):
+        langevin_dynamics(lambda y: -y, x, 0.1, -1)
+    with pytest.raises(ValueError, match="n_steps_each must be >= 0"):
+        annealed_langevin_dynamics(_decay, x, [1.0], 0.1, -1)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        langevin_dynamics(lambda y: -y, x, 0.1, 3, noise=torch.zeros(2, 2, 2))
+    with pytest.raises(ValueError, match="noise must have shape"):
+        annealed_langevin_dynamics(_decay, x, [2.0, 1.0], 0.1, 3, noise=torch.zeros(3, 2, 2))
+    with pytest.raises(ValueError, match="either generator or noise"):
+        langevin_dynamics(lambda y: -y, x, 0.1, 1, generator=torch.Generator(), noise=torch.zeros(1, 2, 2))
