@@ -1,0 +1,392 @@
+"""Tests for ncsn.py (notes §8-§10): the networks' shapes, invariances, size and cost; the NCSN loss against its
+closed form on Gaussians; the EMA arithmetic; NCSNv2's recommended settings; the sampler, and a trained 2-D model
+that recovers the mode weights of the notes' two-mode mixture."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import ncsn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Every test here runs small ops (tiny networks, 2-D chains), where a second intra-op thread only adds a
+    synchronisation per op, and a stall whenever the other core is busy: one thread for this file, the suite's
+    setting restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _reset(model):
+    """Default (non-zero) initialisation of every conv and linear layer, so that the outputs are not all 0."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.reset_parameters()
+    return model
+
+
+def _tiny(in_channels, size, **kw):
+    mults = (1, 2) if size == 8 else (1, 2, 2)  # 28 -> 14 -> 7, 32 -> 16 -> 8
+    return ncsn.NCSN(in_channels, channels=16, channel_mults=mults, num_res_blocks=1, attn_resolutions=(size // 2,),
+                     dropout=0.1, image_size=size, **kw)
+
+
+class GaussianOracle:
+    """The exact noisy score of N(mean, cov): grad log q_sigma(x) = -(cov + sigma^2 I)^-1 (x - mean), sigma (B,)."""
+
+    def __init__(self, mean, cov):
+        self.mean, (self.eigvals, self.eigvecs) = mean, torch.linalg.eigh(cov)
+
+    def __call__(self, x, sigma):
+        y = (x - self.mean) @ self.eigvecs  # (B, D) in the eigenbasis of cov
+        return -(y / (self.eigvals + sigma.reshape(-1, 1) ** 2)) @ self.eigvecs.T  # (B, D)
+
+
+# ---- networks ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("size", [8, 28, 32])
+def test_ncsn_shapes_finite_and_per_example(in_channels, size):
+    torch.manual_seed(0)
+    model = _reset(_tiny(in_channels, size)).eval()
+    x = torch.rand(3, in_channels, size, size)
+    sigma = torch.tensor([1e-3, 1.0, 100.0])  # any sigma > 0, far outside a training range too
+    out = model(x, sigma)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    # Technique 3 keeps sigma * score on the unit scale of its target -z, at every sigma.
+    scaled = out * sigma.reshape(-1, 1, 1, 1)  # sigma * score
+    assert (scaled.std(dim=(1, 2, 3)) < 10).all()
+    # GroupNorm normalises each example alone: example i's score depends on x_i only (sliced.py relies on it).
+    torch.testing.assert_close(model(x[:2], sigma[:2]) * sigma[:2].reshape(-1, 1, 1, 1), scaled[:2],
+                               rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_ncsn_output_is_divided_by_sigma():
+    """NCSNv2 technique 3: with the noise embedding switched off, sigma * s(x, sigma) does not depend on sigma."""
+    torch.manual_seed(0)
+    model = _reset(_tiny(3, 8)).eval()
+    x, sigmas = torch.rand(2, 3, 8, 8), [1e-3, 0.3, 50.0]
+    conditioned = [model(x, s) * s for s in sigmas]  # the embedding of log sigma reaches the output
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(conditioned, conditioned[1:]))
+    nn.init.zeros_(model.embed[-1].weight), nn.init.zeros_(model.embed[-1].bias)
+    scaled = [model(x, s) * s for s in sigmas]
+    assert scaled[0].abs().mean() > 1e-3  # not trivially zero
+    for other in scaled[1:]:
+        torch.testing.assert_close(other, scaled[0], rtol=1e-5, atol=1e-6)
+    # and a float, a 0-d tensor and a (B,) tensor are the same sigma
+    torch.testing.assert_close(model(x, 0.3), model(x, torch.tensor(0.3)))
+    torch.testing.assert_close(model(x, 0.3), model(x, torch.full((2,), 0.3)))
+
+
+def test_ncsn_channels_last_and_bf16_autocast():
+    torch.manual_seed(0)
+    model = _reset(_tiny(3, 32)).eval()
+    x, sigma = torch.rand(2, 3, 32, 32), torch.tensor([0.1, 2.0])
+    ref = model(x, sigma)
+    model_cl = model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(model_cl(x.to(memory_format=torch.channels_last), sigma), ref, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, sigma)
+    assert out.dtype == torch.float32  # the division by sigma happens in fp32
+    assert (out - ref).norm() < 0.05 * ref.norm()  # bf16 keeps about 3 significant digits
+
+
+def test_default_ncsn_size_and_cost():
+    """The default is sized like NCSNv2's CIFAR-10 model (29.7 M) and costs at most 13 GFLOPs per 32x32 image."""
+    with torch.device("meta"):  # shapes only: no memory, no arithmetic
+        model = ncsn.NCSN()
+        x = torch.empty(1, 3, 32, 32)
+        n_params = sum(p.numel() for p in model.parameters())
+        with FlopCounterMode(display=False) as counter:
+            model(x, torch.ones(1))
+    assert 30e6 <= n_params <= 40e6
+    assert counter.get_total_flops() <= 13e9  # flop_counter counts 2 FLOPs per multiply-add
+
+
+def test_mlp_score_net_shapes_and_scaling():
+    torch.manual_seed(0)
+    model = _reset(ncsn.MLPScoreNet(3, hidden=32, n_layers=3))
+    x = torch.randn(5, 3)
+    out = model(x, torch.tensor([1e-3, 0.1, 1.0, 10.0, 1e3]))
+    assert out.shape == (5, 3) and torch.isfinite(out).all()
+    nn.init.zeros_(model.net[0].weight[:, 3:])  # cut the sigma features: only the division by sigma is left
+    torch.testing.assert_close(model(x, 0.01) * 0.01, model(x, 7.0) * 7.0)
+
+
+def test_bad_inputs():
+    model = ncsn.NCSN(3, channels=16, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.rand(2, 3, 30, 30), 1.0)
+    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\)"):
+        model(torch.rand(2, 1, 32, 32), 1.0)
+    with pytest.raises(ValueError, match="sigma must be"):
+        model(torch.rand(2, 3, 32, 32), torch.ones(3))
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        model(torch.rand(2, 3, 32, 32), 0.0)
+    with pytest.raises(ValueError, match="attn_resolutions"):
+        ncsn.NCSN(channel_mults=(1, 2, 2), attn_resolutions=(14,))  # 14 is a level size of 28, not of 32
+    with pytest.raises(ValueError, match=r"shape \(B, 2\)"):
+        ncsn.MLPScoreNet(2)(torch.randn(4, 3), 1.0)
+    x, not_descending = torch.randn(4, 2), torch.tensor([1.0, 2.0, 0.5])
+    with pytest.raises(ValueError, match="descending"):
+        ncsn.ncsn_loss(ncsn.MLPScoreNet(2), x, not_descending)
+    with pytest.raises(ValueError, match="descending"):
+        ncsn.sample(ncsn.MLPScoreNet(2), (4, 2), not_descending, 1, 0.1)
+    with pytest.raises(ValueError, match="objective"):
+        ncsn.ncsn_loss(ncsn.MLPScoreNet(2), x, torch.tensor([1.0, 0.5]), objective="hyvarinen")
+    with pytest.raises(ValueError, match="sigma_max > sigma_min"):
+        ncsn.geometric_sigmas(0.1, 1.0, 5)
+    with pytest.raises(ValueError, match="n >= 2"):
+        ncsn.geometric_sigmas(1.0, 0.1, 1)
+    with pytest.raises(ValueError, match="dim >= 5"):
+        ncsn.sigma_ratio(2)
+    with pytest.raises(ValueError, match="floating"):
+        ncsn.recommended_sigmas(torch.zeros(10, 1, 4, 4, dtype=torch.uint8))
+
+
+# ---- the NCSN loss on Gaussian data: closed forms (notes §8) -------------------------------------------------
+
+gaussian_cases = dict(
+    dim=st.integers(1, 5), seed=st.integers(0, 2**16),
+    sigma_max=st.floats(1.0, 3.0), sigma_min=st.floats(0.05, 0.5), n_sigmas=st.integers(2, 8))
+
+
+def _gaussian_case(dim, seed, sigma_max, sigma_min, n_sigmas):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    cov = a @ a.T / dim + 0.2 * torch.eye(dim, dtype=torch.float64)
+    mean = torch.randn(dim, generator=g, dtype=torch.float64)
+    x = mean + torch.randn(20_000, dim, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    sigmas = ncsn.geometric_sigmas(sigma_max, sigma_min, n_sigmas, dtype=torch.float64)
+    return g, mean, cov, x, sigmas
+
+
+def _mean_and_se(values):
+    return values.mean().item(), values.std().item() / math.sqrt(len(values))
+
+
+@given(**gaussian_cases)
+def test_dsm_loss_of_the_exact_score_is_its_closed_form_minimum(dim, seed, sigma_max, sigma_min, n_sigmas):
+    """E[ncsn_loss] at the true noisy score = 1/2 E_sigma[D - sigma^2 tr((Sigma + sigma^2 I)^-1)], levels uniform;
+    an oracle for a wrong covariance and mean scores higher by exactly 1/2 E_sigma[sigma^2 E||s' - s||^2]."""
+    g, mean, cov, x, sigmas = _gaussian_case(dim, seed, sigma_max, sigma_min, n_sigmas)
+    oracle = GaussianOracle(mean, cov)
+    levels = torch.randint(len(sigmas), (len(x),), generator=g)
+    noise = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    loss = ncsn.ncsn_loss(oracle, x, sigmas, reduction="none", levels=levels, noise=noise)
+    lam, var = torch.linalg.eigvalsh(cov), sigmas[:, None] ** 2  # (D,), (L, 1)
+    minimum = 0.5 * (dim - (var / (lam + var)).sum(1)).mean().item()
+    value, se = _mean_and_se(loss)
+    assert abs(value - minimum) < 5 * se
+
+    # Another model: the oracle of N(mean + delta, 1.5 cov). Paired with the same levels and noise.
+    delta = torch.ones(dim, dtype=x.dtype)
+    wrong = ncsn.ncsn_loss(GaussianOracle(mean + delta, 1.5 * cov), x, sigmas, reduction="none", levels=levels,
+                           noise=noise)
+    # s' - s = -(A' - A)(x~ - mean) + A' delta with A = (cov + sigma^2 I)^-1, A' = (1.5 cov + sigma^2 I)^-1,
+    # both diagonal in cov's eigenbasis; x~ - mean ~ N(0, cov + sigma^2 I).
+    a, a_wrong = 1 / (lam + var), 1 / (1.5 * lam + var)  # (L, D)
+    delta_eig = delta @ torch.linalg.eigh(cov).eigenvectors  # (D,)
+    gap = 0.5 * (var[:, 0] * ((a_wrong - a) ** 2 * (lam + var) + a_wrong ** 2 * delta_eig ** 2).sum(1)).mean().item()
+    diff, se_diff = _mean_and_se(wrong - loss)
+    assert abs(diff - gap) < 5 * se_diff
+    assert diff > 5 * se_diff  # strictly worse than the true score, beyond the noise
+
+
+@pytest.mark.parametrize("objective", ["ssm", "exact"])
+@settings(max_examples=10)
+@given(**gaussian_cases)
+def test_score_matching_loss_of_the_exact_score_is_its_closed_form(objective, dim, seed, sigma_max, sigma_min,
+                                                                   n_sigmas):
+    """objective="ssm" (sliced, 2 projections) or "exact" at the true noisy score s = -A (x~ - mean),
+    A = (Sigma + sigma^2 I)^-1: sigma^2 (tr grad s + 1/2 |s|^2) has mean sigma^2 (-tr A + 1/2 tr A), levels uniform."""
+    g, mean, cov, x, sigmas = _gaussian_case(dim, seed, sigma_max, sigma_min, n_sigmas)
+    loss = ncsn.ncsn_loss(GaussianOracle(mean, cov), x, sigmas, objective=objective, reduction="none",
+                          n_projections=2, generator=g)
+    lam, var = torch.linalg.eigvalsh(cov), sigmas[:, None] ** 2
+    expected = -0.5 * (var[:, 0] * (1 / (lam + var)).sum(1)).mean().item()
+    value, se = _mean_and_se(loss)
+    assert abs(value - expected) < 5 * se
+
+
+@pytest.mark.parametrize("objective", ["dsm", "ssm"])
+def test_loss_at_initialisation_is_half_noise_norm(objective):
+    """The zero-initialised output gives s = 0, so sigma^2 * 1/2 |0 + z / sigma|^2 = 1/2 |z|^2 at every level
+    (and SSM's sigma^2 (tr grad 0 + 0) = 0)."""
+    torch.manual_seed(0)
+    sigmas = ncsn.geometric_sigmas(50.0, 0.01, 20)
+    for model, x in [(_tiny(3, 8), torch.rand(6, 3, 8, 8)), (ncsn.MLPScoreNet(2), torch.randn(6, 2))]:
+        noise = torch.randn_like(x)
+        loss = ncsn.ncsn_loss(model, x, sigmas, objective=objective, reduction="none", noise=noise)
+        expected = 0.5 * noise.pow(2).flatten(1).sum(1) if objective == "dsm" else torch.zeros(6)
+        torch.testing.assert_close(loss, expected)
+        levels = torch.randint(20, (6,))
+        mean = ncsn.ncsn_loss(model, x, sigmas, objective=objective, levels=levels, noise=noise)
+        assert mean.dim() == 0
+        torch.testing.assert_close(mean, ncsn.ncsn_loss(model, x, sigmas, objective=objective, reduction="none",
+                                                        levels=levels, noise=noise).mean())
+
+
+# ---- the EMA (notes §10) -------------------------------------------------------------------------------------
+
+def test_ema_follows_the_hand_formula_and_round_trips():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()  # parameters and buffers, float and long
+    decay = 0.9
+    ema = ncsn.EMA(model, decay=decay)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}  # e_0 = theta_0
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(8, 3, dtype=torch.float64))  # moves BatchNorm's running statistics and its step counter
+        ema.update(model)
+        for k, v in model.state_dict().items():
+            expected[k] = decay * expected[k] + (1 - decay) * v if v.is_floating_point() else v.clone()
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-12, atol=1e-12)
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+    # a separate copy: changing the model leaves the average alone
+    before = ema.module[0].weight.clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert torch.equal(ema.module[0].weight, before)
+    # state_dict round trip, into another EMA and into a bare model
+    other = ncsn.EMA(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double(), decay=decay)
+    other.load_state_dict(ema.state_dict())
+    bare = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    bare.load_state_dict(ema.state_dict())
+    for k, v in ema.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v) and torch.equal(bare.state_dict()[k], v)
+
+
+# ---- noise levels and NCSNv2's recommendations (notes §10) ---------------------------------------------------
+
+@given(sigma_max=st.floats(0.1, 100.0), ratio=st.floats(1.5, 1e4), n=st.integers(2, 300))
+def test_geometric_sigmas(sigma_max, ratio, n):
+    sigmas = ncsn.geometric_sigmas(sigma_max, sigma_max / ratio, n, dtype=torch.float64)
+    assert sigmas.shape == (n,) and sigmas[0] == sigma_max and sigmas[-1] == sigma_max / ratio
+    steps = sigmas[:-1] / sigmas[1:]
+    torch.testing.assert_close(steps, torch.full_like(steps, ratio ** (1 / (n - 1))), rtol=1e-10, atol=0)
+    assert ncsn.geometric_sigmas(0.5, 0.5, 1).tolist() == [0.5]  # a single level is allowed
+
+
+@given(dim=st.integers(5, 100_000))
+def test_sigma_ratio_solves_technique_2(dim):
+    gamma = ncsn.sigma_ratio(dim)
+    phi = lambda t: 0.5 * (1 + math.erf(t / math.sqrt(2)))  # noqa: E731
+    a = math.sqrt(2 * dim)
+    assert abs(phi(a * (gamma - 1) + 3 * gamma) - phi(a * (gamma - 1) - 3 * gamma) - 0.5) < 1e-9
+
+
+def test_recommended_values_match_the_published_cifar10_settings():
+    """Notes §10: gamma = 1.0398 for D = 3072; eps = 6.2e-6 for 50 -> 0.01 in 232 levels with T = 5, f = 1.055."""
+    assert abs(ncsn.sigma_ratio(3072) - 1.0398) < 1e-3
+    sigmas = ncsn.geometric_sigmas(50.0, 0.01, 232)
+    step_size = ncsn.recommended_step_size(sigmas, 5, 3072)
+    assert abs(step_size / 6.2e-6 - 1) < 0.03
+    gamma, last = (50.0 / 0.01) ** (1 / 231), 0.01 ** 2
+
+    def f(eps):  # the notes' formula, as written there
+        c = 2 * eps / (last - last * (1 - eps / last) ** 2)
+        return (1 - eps / last) ** (2 * 5) * (gamma ** 2 - c) + c
+
+    assert abs(f(step_size) - 1.055) < 1e-3
+    assert f(step_size) < min(f(0.98 * step_size), f(1.02 * step_size))  # a minimum of |f - 1| (f > 1 throughout)
+
+
+@pytest.mark.parametrize("batch_size", [7, 64, 1000])
+def test_max_pairwise_distance_by_blocks_equals_cdist(batch_size):
+    x = torch.randn(150, 2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    full = torch.cdist(x.flatten(1), x.flatten(1)).max().item()
+    assert ncsn.max_pairwise_distance(x, batch_size=batch_size) == pytest.approx(full, rel=1e-12)
+
+
+def test_recommended_sigmas_on_the_corners_of_a_cube():
+    """Corners of the cube {0, s}^8: the largest distance is the diagonal s sqrt(8) (technique 1); the number of
+    levels is the fewest with a ratio no larger than gamma(8) (technique 2)."""
+    side, dim = 3.0, 8
+    corners = side * torch.cartesian_prod(*[torch.tensor([0.0, 1.0])] * dim)  # (256, 8)
+    sigmas = ncsn.recommended_sigmas(corners[torch.randperm(256)], sigma_min=0.01, batch_size=50)
+    assert sigmas[0].item() == pytest.approx(side * math.sqrt(dim), rel=1e-6)
+    assert sigmas[-1].item() == pytest.approx(0.01, rel=1e-6)
+    assert (sigmas[1:] < sigmas[:-1]).all()
+    gamma, span = ncsn.sigma_ratio(dim), sigmas[0].item() / 0.01
+    n = len(sigmas)
+    assert span ** (1 / (n - 1)) <= gamma < span ** (1 / (n - 2))
+    # a subset can only underestimate the largest distance
+    assert ncsn.recommended_sigmas(corners, max_points=10, generator=torch.Generator().manual_seed(0))[0] <= sigmas[0]
+
+
+# ---- the sampler (notes §9) ----------------------------------------------------------------------------------
+
+def test_sample_gaussian_oracle_matches_ula_and_tweedie():
+    """From the exact score of N(mean, diag(lam)): at the last level the chain's stationary variance is
+    1 / (a (1 - eps a / 4)) with a = 1 / (lam + sigma_L^2) (unadjusted Langevin at step eps), and the denoising step
+    x + sigma_L^2 s(x) scales the deviation from the mean by 1 - sigma_L^2 a."""
+    mean, lam = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64)
+    oracle = GaussianOracle(mean, torch.diag(lam))
+    sigmas = ncsn.geometric_sigmas(8.0, 0.5, 5, dtype=torch.float64)
+    step_size, n = 0.1, 4000
+    x = ncsn.sample(oracle, (n, 2), sigmas, 100, step_size, generator=torch.Generator().manual_seed(0),
+                    data_range=(-20.0, 20.0), batch_size=1500)
+    assert x.shape == (n, 2) and x.dtype == torch.float64
+    a = 1 / (lam + 0.25)
+    var = (1 - 0.25 * a) ** 2 / (a * (1 - step_size * a / 4))
+    assert ((x.mean(0) - mean).abs() < 5 * (var / n).sqrt()).all()
+    assert ((x.var(0) - var).abs() < 5 * var * math.sqrt(2 / n)).all()
+
+
+def test_sample_range_shape_determinism_and_mode():
+    torch.manual_seed(0)
+    model = _reset(_tiny(1, 8))
+    model.train()
+    modes = []
+    model.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    sigmas = ncsn.geometric_sigmas(1.0, 0.1, 3)
+    draw = lambda: ncsn.sample(model, (5, 1, 8, 8), sigmas, 2, 1e-3, batch_size=2,  # noqa: E731
+                               generator=torch.Generator().manual_seed(1), progress=True)
+    x = draw()
+    assert x.shape == (5, 1, 8, 8) and x.min() >= 0 and x.max() <= 1
+    assert x.min() == 0 or x.max() == 1  # the untrained score throws points outside: only the output is clamped
+    assert torch.equal(draw(), x)  # seeded
+    assert model.training and modes and not any(modes)  # eval while sampling, training mode restored
+    assert not ncsn.sample(model, (2, 1, 8, 8), sigmas, 1, 1e-3).requires_grad
+
+
+# ---- end to end: the two-mode mixture of notes §7 ------------------------------------------------------------
+
+def test_trained_mlp_recovers_the_mode_weights():
+    """Train MLPScoreNet with ncsn_loss on 1/5 N((-5,-5), I) + 4/5 N((5,5), I) with the toy sigmas (20 -> 1, L = 10),
+    sample with annealed Langevin from the EMA weights: the weight of the (5, 5) mode is 0.8 within 5 binomial
+    standard errors plus 0.04 for what 600 training steps leave of the model error."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+
+    def data(n):
+        upper = torch.rand(n, generator=g) < 0.8
+        return torch.where(upper[:, None], 5.0, -5.0) + torch.randn(n, 2, generator=g)  # (n, 2)
+
+    model = ncsn.MLPScoreNet(2, hidden=64)
+    ema = ncsn.EMA(model, decay=0.99)
+    sigmas = ncsn.geometric_sigmas(20.0, 1.0, 10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(600):
+        loss = ncsn.ncsn_loss(model, data(512), sigmas, generator=g)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+    n = 1000
+    x = ncsn.sample(ema.module, (n, 2), sigmas, 50, 0.1, generator=g, data_range=(-8.0, 8.0))
+    weight = (x.sum(1) > 0).double().mean().item()
+    assert abs(weight - 0.8) < 5 * math.sqrt(0.8 * 0.2 / n) + 0.04
