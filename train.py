@@ -579,7 +579,6 @@ def train(args):
             fail(f"rank {rank}: the model or EMA weights differ between ranks")
         if is_main:
             print(f"parameters and EMA agree on all {world} ranks")
-        dist.destroy_process_group()
     if is_main:
         print(f"done: {step} steps; checkpoint {ckpt_path}")
 
@@ -625,6 +624,9 @@ def main(argv=None):
     except Failure as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:  # after train() has returned and its DDP wrapper is gone, so that nothing outlives the process group
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

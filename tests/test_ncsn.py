@@ -13,17 +13,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import ncsn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every test here runs small ops (tiny networks, 2-D chains), where a second intra-op thread only adds a
-    synchronisation per op, and a stall whenever the other core is busy: one thread for this file, the suite's
-    setting restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _reset(model):
     """Default (non-zero) initialisation of every conv and linear layer, so that the outputs are not all 0."""
     for m in model.modules():
