@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -95,9 +94,11 @@ def parse_args(argv=None):
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast for the network")
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
     g = p.add_argument_group("noise levels and sampler (default: the dataset's preset)")
-    g.add_argument("--sigma-max", type=float, help=f"largest sigma ({preset_help('sigma_max')}; None: NCSNv2 technique 1)")
+    g.add_argument("--sigma-max", type=float,
+                   help=f"largest sigma ({preset_help('sigma_max')}; None: NCSNv2 technique 1)")
     g.add_argument("--sigma-min", type=float, help=f"smallest sigma ({preset_help('sigma_min')})")
-    g.add_argument("--n-sigmas", type=int, help=f"number of levels L ({preset_help('n_sigmas')}; None: NCSNv2 technique 2)")
+    g.add_argument("--n-sigmas", type=int,
+                   help=f"number of levels L ({preset_help('n_sigmas')}; None: NCSNv2 technique 2)")
     g.add_argument("--n-steps-each", type=int, help=f"Langevin steps per level T ({preset_help('n_steps_each')})")
     g.add_argument("--step-size", type=float, help=f"step size at sigma_min ({preset_help('step_size')}; "
                                                    "None: NCSNv2 technique 4)")
@@ -444,23 +445,27 @@ def train(args):
         step = ckpt["step"]
         if len(ckpt["rng"]) == world:
             set_rng_state(ckpt["rng"][rank], generators)
-        elif is_main:  # the weights and optimiser carry over; the random streams start afresh
-            print(f"note: the checkpoint was written by {len(ckpt['rng'])} process(es), this run has {world}: "
-                  "random streams are reseeded, so the continuation is not bit-identical")
+        else:  # another number of processes: the weights and optimiser carry over, the random streams start afresh
+            for offset, g in enumerate(generators.values()):
+                g.manual_seed(config["seed"] * 1000 + rank + 500 * offset + 1_000_003 * step)
+            if is_main:
+                print(f"note: the checkpoint was written by {len(ckpt['rng'])} process(es), this run has {world}: "
+                      "the random streams are reseeded, so the continuation is not bit-identical")
         if is_main:
             print(f"resuming from {ckpt_path} at step {step}")
 
     precision = config["precision"]
     if precision == "bf16" and device.type == "mps":
-        warnings.warn("bf16 autocast is not supported on mps here; training in fp32")
+        print("note: bf16 autocast is not supported on mps here; training in fp32", file=sys.stderr)
         precision = "fp32"
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if args.compile:  # the checkpoint keeps the plain module's state_dict, loadable without compile
         if device.type == "mps":
-            warnings.warn("--compile is not supported on mps; running uncompiled")
+            print("note: --compile is not supported on mps; running uncompiled", file=sys.stderr)
         else:
+            torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
             net = torch.compile(net)
     batch = make_batches(config, images, device, generators["data"])
     sigmas = torch.tensor(config["sigmas"], device=device)
