@@ -70,31 +70,31 @@ def _trace_loop(score: torch.Tensor, x: torch.Tensor, create_graph: bool) -> tor
     """tr(grad_x s) per example (Hyvärinen 2005, Thm 1) by D backward passes, one per basis vector e_i."""
     batch, dim = x.shape[0], x[0].numel()
     basis = torch.eye(dim, dtype=score.dtype, device=score.device)
-    trace = score.new_zeros(batch)
+    divergence = score.new_zeros(batch)  # tr(grad_x s), accumulated
     if not score.requires_grad:  # a score that ignores x and every parameter has a zero Jacobian
-        return trace
+        return divergence
     for i in range(dim):
         # e_i for every example at once: one pass gives row i of every example's Jacobian.
         v = basis[i].expand(batch, dim).reshape(score.shape)
         (row,) = torch.autograd.grad(score, x, v, retain_graph=True, create_graph=create_graph,
                                      allow_unused=True, materialize_grads=True)
-        trace = trace + row.reshape(batch, dim)[:, i]  # (B,)
-    return trace
+        divergence = divergence + row.reshape(batch, dim)[:, i]  # (B,)
+    return divergence
 
 
 def _trace_vectorized(vjp_fn, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """tr(grad_x s) per example (Hyvärinen 2005, Thm 1) by vmapped vector-Jacobian products, chunk_size at a time."""
     batch, dim = x.shape[0], x[0].numel()
     basis = torch.eye(dim, dtype=x.dtype, device=x.device)
-    trace = x.new_zeros(batch)
+    divergence = x.new_zeros(batch)  # tr(grad_x s), accumulated
     for start in range(0, dim, chunk_size):
         stop = min(start + chunk_size, dim)
         k = stop - start
         v = basis[start:stop, None, :].expand(k, batch, dim).reshape(k, *x.shape)  # (k, B, *event)
         (rows,) = torch.func.vmap(vjp_fn)(v)  # (k, B, *event): rows start..stop-1 of every example's Jacobian
         rows = rows.reshape(k, batch, dim)[:, :, start:stop]  # (k, B, k)
-        trace = trace + torch.diagonal(rows, dim1=0, dim2=2).sum(-1)  # (B, k) -> (B,)
-    return trace
+        divergence = divergence + torch.diagonal(rows, dim1=0, dim2=2).sum(-1)  # (B, k) -> (B,)
+    return divergence
 
 
 def score_matching_loss(score_fn, x: torch.Tensor, reduction: str = "mean", trace: str = "auto",

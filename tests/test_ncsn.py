@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import ncsn
+from langevin import annealed_langevin_dynamics
 
 
 def _reset(model):
@@ -278,19 +279,36 @@ def test_sigma_ratio_solves_technique_2(dim):
 
 
 def test_recommended_values_match_the_published_cifar10_settings():
-    """Notes §10: gamma = 1.0398 for D = 3072; eps = 6.2e-6 for 50 -> 0.01 in 232 levels with T = 5, f = 1.055."""
+    """Notes §10: gamma = 1.0398 for D = 3072; f's minimiser is 6.2e-6 for 50 -> 0.01 in 232 levels with T = 5,
+    f = 1.055 there. f is NCSNv2's, for the update x + eps s + sqrt(2 eps) z; this repository's update (notes §9)
+    halves the step, so the step it returns is twice that: 1.24e-5."""
     assert abs(ncsn.sigma_ratio(3072) - 1.0398) < 1e-3
     sigmas = ncsn.geometric_sigmas(50.0, 0.01, 232)
     step_size = ncsn.recommended_step_size(sigmas, 5, 3072)
-    assert abs(step_size / 6.2e-6 - 1) < 0.03
+    assert abs(step_size / (2 * 6.2e-6) - 1) < 0.03
     gamma, last = (50.0 / 0.01) ** (1 / 231), 0.01 ** 2
 
-    def f(eps):  # the notes' formula, as written there
+    def f(eps):  # the notes' formula, as written there, in NCSNv2's step convention
         c = 2 * eps / (last - last * (1 - eps / last) ** 2)
         return (1 - eps / last) ** (2 * 5) * (gamma ** 2 - c) + c
 
-    assert abs(f(step_size) - 1.055) < 1e-3
-    assert f(step_size) < min(f(0.98 * step_size), f(1.02 * step_size))  # a minimum of |f - 1| (f > 1 throughout)
+    eps = step_size / 2
+    assert abs(f(eps) - 1.055) < 1e-3
+    assert f(eps) < min(f(0.98 * eps), f(1.02 * eps))  # a minimum of |f - 1| (f > 1 throughout)
+
+
+def test_recommended_step_size_is_in_the_samplers_convention():
+    """Technique 4 tied to the sampler: on q = N(0, sigma_L^2 I) at the last level, with the exact score and no noise,
+    T annealed Langevin steps of the returned eps contract x by (1 - u)^T, u = f's minimiser eps' / sigma_L^2, exactly
+    as NCSNv2's x + eps' s + sqrt(2 eps') z does (the contraction that f's (1 - eps'/sigma_L^2)^(2T) squares)."""
+    sigmas, T = ncsn.geometric_sigmas(50.0, 0.01, 232, dtype=torch.float64), 5
+    step_size = ncsn.recommended_step_size(sigmas, T)
+    last = float(sigmas[-1])
+    x0 = torch.ones(3, 2, dtype=torch.float64)
+    x = annealed_langevin_dynamics(lambda y, s: -y / last ** 2, x0, sigmas[-1:], step_size, T, denoise=False,
+                                   noise=torch.zeros(T, 3, 2, dtype=torch.float64))
+    u = (step_size / 2) / last ** 2  # NCSNv2's eps' over sigma_L^2
+    torch.testing.assert_close(x, x0 * (1 - u) ** T, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("batch_size", [7, 64, 1000])
