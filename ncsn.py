@@ -423,7 +423,7 @@ class EMA:
 # ---- The NCSN objective (notes §8) and the sampler (notes §9) ------------------------------------------------
 
 def ncsn_loss(model, x, sigmas, objective="dsm", reduction="mean", levels=None, noise=None, n_projections=1,
-              generator=None):
+              generator=None, trace="auto"):
     """NCSN loss (notes §8): 1/L sum_i sigma_i^2 l(theta; sigma_i), one level per example drawn uniformly.
 
     objective "dsm": l = 1/2 E || s(x + sigma z, sigma) + z / sigma ||^2 (denoising.py), so that
@@ -432,7 +432,8 @@ def ncsn_loss(model, x, sigmas, objective="dsm", reduction="mean", levels=None, 
         projections) on the noisy data x + sigma z, the NCSN authors' anneal_sliced_score_estimation_vr; its value
         is sigma^2 (Fisher divergence to q_sigma - 1/2 E ||grad log q_sigma||^2), so it can be negative.
     objective "exact": the same with Hyvärinen's exact Jacobian trace (score_matching.py): D backward passes, so
-        for low-dimensional data only.
+        for low-dimensional data only; `trace` picks its method ("loop" for a model that torch.func cannot
+        transform, such as one wrapped in DistributedDataParallel).
     model: model(x, sigma) with sigma of shape (B,); x: clean data (B, *event_shape).
     sigmas: (L,) descending noise levels; keep them on x's device to avoid a copy per step (the values are checked
         only when they are on the CPU, where that needs no device sync).
@@ -463,7 +464,7 @@ def ncsn_loss(model, x, sigmas, objective="dsm", reduction="mean", levels=None, 
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x_noisy = x + _expand_like(sigma, x) * noise  # x~ = x + sigma z, (B, *event_shape)
         if objective == "exact":
-            loss = score_matching_loss(lambda y: model(y, sigma), x_noisy, reduction="none")  # (B,)
+            loss = score_matching_loss(lambda y: model(y, sigma), x_noisy, reduction="none", trace=trace)  # (B,)
         else:  # sliced.py stacks the n_projections copies of the batch along dim 0, so sigma repeats likewise
             loss = sliced_score_matching_loss(lambda y: model(y, sigma.repeat(n_projections)), x_noisy,
                                               n_projections=n_projections, variance_reduction=True,

@@ -77,24 +77,25 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--dataset", default="gmm", choices=list(PRESETS), help="what to train on")
+    p.add_argument("--dataset", choices=list(PRESETS),
+                   help="what to train on (default: gmm; on resume, the checkpoint's)")
     p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded to")
     p.add_argument("--out-dir", default=None, help="checkpoint, samples and metrics (default: runs/<dataset>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, noise, dropout and initialisation")
+    p.add_argument("--seed", type=int, help="seed of data, noise, dropout and initialisation (default: 0)")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or e.g. cuda:1")
-    g = p.add_argument_group("training (default: the dataset's preset)")
+    g = p.add_argument_group("training (default: the dataset's preset; on resume, the checkpoint's settings)")
     g.add_argument("--steps", type=int, help=f"total optimiser steps ({preset_help('steps')})")
     g.add_argument("--batch-size", type=int, help=f"global batch, split over ranks ({preset_help('batch_size')})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate ({preset_help('lr')})")
     g.add_argument("--channels", type=int, help=f"U-Net base width, image sets ({preset_help('channels')})")
     g.add_argument("--hidden", type=int, help=f"MLP width, 2-D sets ({preset_help('hidden')})")
     g.add_argument("--ema-decay", type=float, help=f"EMA decay of the weights ({preset_help('ema_decay')})")
-    g.add_argument("--objective", default="dsm", choices=["dsm", "ssm", "exact"],
+    g.add_argument("--objective", choices=["dsm", "ssm", "exact"],
                    help="denoising (§4), sliced with variance reduction (§5) or exact (§3) score matching, "
-                        "each sigma^2-weighted over the noise levels; exact is for 2-D data only")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 autocast for the network")
+                        "each sigma^2-weighted over the noise levels; exact is for 2-D data only (default: dsm)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast for the network (default: fp32)")
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
-    g = p.add_argument_group("noise levels and sampler (default: the dataset's preset)")
+    g = p.add_argument_group("noise levels and sampler (default: the dataset's preset; on resume, the checkpoint's)")
     g.add_argument("--sigma-max", type=float,
                    help=f"largest sigma ({preset_help('sigma_max')}; None: NCSNv2 technique 1)")
     g.add_argument("--sigma-min", type=float, help=f"smallest sigma ({preset_help('sigma_min')})")
@@ -114,23 +115,19 @@ def parse_args(argv=None):
                         "into <out-dir>/samples.npz and samples.png")
     g.add_argument("--sample-batch-size", type=int, default=500, help="batch size of the sampling mode")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "channels", "hidden", "n_sigmas", "n_steps_each", "sample_batch_size",
-                 "sample"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "n_steps_each" else 1):
-            p.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'n_steps_each' else '>= 1'}, got {value}")
+    for name, least in (("steps", 1), ("batch_size", 1), ("channels", 1), ("hidden", 1), ("n_sigmas", 2),
+                        ("n_steps_each", 1), ("sample_batch_size", 1), ("sample", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     for name in ("log_every", "ckpt_every", "sample_every"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got {getattr(args, name)}")
     for name in ("lr", "sigma_max", "sigma_min", "step_size"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+        if getattr(args, name) is not None and not 0 < getattr(args, name) < math.inf:
+            p.error(f"--{name.replace('_', '-')} must be > 0 and finite, got {getattr(args, name)}")
     if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
         p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.objective == "exact" and args.dataset in IMAGE_SETS:
-        p.error(f"--objective exact needs one backward pass per dimension per step (D = "
-                f"{'3072' if args.dataset == 'cifar10' else '784'} for {args.dataset}); use dsm or ssm")
-    args.out_dir = args.out_dir or os.path.join("runs", args.dataset)
+    args.out_dir = args.out_dir or os.path.join("runs", args.dataset or "gmm")
     return args
 
 
@@ -169,19 +166,25 @@ def setup_device(name):
     return device, rank, world
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration: the preset, overridden by flags, resolved into concrete numbers and stored in the checkpoint.
 # ----------------------------------------------------------------------------------------------------------------
-def resolve_config(args, train_data, device, saved=None):
-    """The preset, overridden by flags. NCSNv2 techniques fill what the preset leaves open (None): sigma_1 is the
-    largest distance between training points (1), L follows from the ratio gamma(D) (2), the step size from f(eps)
-    (4). A resumed run takes those derived numbers from its checkpoint's config instead of recomputing them."""
+def resumed_settings(saved):
+    """A checkpoint config's settings in the presets' terms: a resumed run keeps them unless a flag changes them."""
+    settings = {key: saved[key] for key in ("steps", "batch_size", "lr", "ema_decay", "n_steps_each", "step_size",
+                                            "log_every", "ckpt_every", "sample_every", "n_grid")}
+    settings.update(sigma_max=saved["sigmas"][0], sigma_min=saved["sigmas"][-1], n_sigmas=len(saved["sigmas"]))
+    settings.update({key: saved["model"][key] for key in ("channels", "hidden") if key in saved["model"]})
+    return settings
+
+
+def resolve_config(args, train_data, device, saved=None, is_main=True):
+    """Flags over the checkpoint's settings (on resume) over the dataset's preset. NCSNv2 techniques fill what is
+    left open (None): sigma_1 is the largest distance between training points (1), L follows from the ratio gamma(D)
+    (2), the step size from f(eps) (4)."""
     preset = dict(PRESETS[args.dataset])
+    if saved is not None:
+        preset.update(resumed_settings(saved))
     for key in preset:
         if getattr(args, key, None) is not None:
             preset[key] = getattr(args, key)
@@ -194,10 +197,9 @@ def resolve_config(args, train_data, device, saved=None):
         model = dict(kind="MLPScoreNet", dim=2, hidden=preset["hidden"])
     dim = int(np.prod(train_data.shape[1:]))
     sigma_max, n_sigmas, sigma_min = preset["sigma_max"], preset["n_sigmas"], preset["sigma_min"]
-    if saved is not None and (sigma_max is None or n_sigmas is None):
-        sigma_max, n_sigmas = sigma_max or saved["sigmas"][0], n_sigmas or len(saved["sigmas"])
     if sigma_max is None:  # technique 1, over the whole training set, in batches
-        print(f"sigma_max: the largest distance between the {len(train_data)} training points (NCSNv2 technique 1)")
+        if is_main:
+            print(f"sigma_max: the largest distance between the {len(train_data)} training points (technique 1)")
         points = train_data.to(device).float() / 255 if args.dataset in IMAGE_SETS else train_data.to(device)
         sigma_max = ncsn.max_pairwise_distance(points)
     if not sigma_max > sigma_min:
@@ -207,8 +209,7 @@ def resolve_config(args, train_data, device, saved=None):
     sigmas = ncsn.geometric_sigmas(sigma_max, sigma_min, n_sigmas).tolist()
     step_size = preset["step_size"]
     if step_size is None:  # technique 4
-        step_size = saved["step_size"] if saved is not None and saved["sigmas"] == sigmas else \
-            ncsn.recommended_step_size(sigmas, preset["n_steps_each"], dim)
+        step_size = ncsn.recommended_step_size(sigmas, preset["n_steps_each"], dim)
     images = args.dataset in IMAGE_SETS
     # Images live in [0, 1]; the 2-D sets in a box that holds all their mass (the prior of the sampler).
     data_range = [0.0, 1.0] if images else [-8.0, 8.0] if args.dataset == "gmm" else [-4.0, 4.0]
@@ -223,11 +224,12 @@ def resolve_config(args, train_data, device, saved=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: image sets live on the device as uint8 and are augmented there; 2-D sets are generated on the device.
 # ----------------------------------------------------------------------------------------------------------------
-def load_images(args, is_main):
-    """(N, C, H, W) uint8 on the CPU; rank 0 downloads, the others wait and read what it wrote."""
+def load_images(args):
+    """(N, C, H, W) uint8 on the CPU; the first process of each machine downloads, the others wait and read it."""
     load = data.load_cifar10 if args.dataset == "cifar10" else data.load_mnist
+    is_first = int(os.environ.get("LOCAL_RANK", 0)) == 0
     images, error = None, None
-    if is_main:
+    if is_first:
         try:
             images = load(args.data_dir, train=True, download=True, progress=True)
         except data.DataError as e:  # reach the barrier first, so that no other rank waits forever
@@ -236,7 +238,7 @@ def load_images(args, is_main):
         dist.barrier()
     if error is not None:
         raise error
-    if not is_main:
+    if not is_first:
         images = load(args.data_dir, train=True, download=False, progress=False)
     return images
 
@@ -249,6 +251,8 @@ def make_batches(config, images, device, generator):
     """A function batch(n) -> (n, *shape) float tensor on the device, in the data range of the config."""
     if images is not None:
         source = data.ImageData(images, device=device, flip=config["dataset"] == "cifar10")
+        if device.type == "cuda":  # the layout of the channels_last model, so that no conv converts its input
+            return lambda n: source.batch(n, generator=generator).contiguous(memory_format=torch.channels_last)
         return lambda n: source.batch(n, generator=generator)
     sample_toy = toy_sampler(config["dataset"])
     return lambda n: sample_toy(n, generator=generator, device=device)
@@ -291,12 +295,23 @@ def save_atomic(write, path):
             os.remove(tmp)
 
 
+CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config", "rng"}
+CONFIG_KEYS = {"dataset", "shape", "data_range", "model", "sigmas", "objective", "n_steps_each", "step_size", "lr",
+               "batch_size", "ema_decay", "steps", "seed", "precision", "log_every", "ckpt_every", "sample_every",
+               "n_grid"}
+
+
 def load_checkpoint(path, device):
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001  -- any unreadable file gets the same one-line answer
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); it may be "
              "truncated or corrupt: move it away to start afresh, or point --out-dir elsewhere")
+    if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt) and isinstance(ckpt["config"], dict)
+            and CONFIG_KEYS <= set(ckpt["config"])):
+        fail(f"{path} is not a checkpoint of train.py (it lacks some of {sorted(CHECKPOINT_KEYS)} or of their "
+             "config); move it away to start afresh, or point --out-dir elsewhere")
+    return ckpt
 
 
 def check_identity(saved, config, path):
@@ -306,19 +321,20 @@ def check_identity(saved, config, path):
                  f"{config.get(key)!r:.80}); use another --out-dir")
 
 
-def rng_state(generators):
-    state = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in generators.items()}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def rng_state(generators, device):
+    """This process's random streams: the CPU's (dropout on the CPU), its GPU's, and the data and noise generators."""
+    state = {"device": device.type, "torch": torch.get_rng_state(), **{k: g.get_state() for k, g in generators.items()}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state, generators):
+def set_rng_state(state, generators, device):
     torch.set_rng_state(state["torch"].cpu())
     for k, g in generators.items():
         g.set_state(state[k].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,51 +429,84 @@ def train(args):
     device, rank, world = setup_device(args.device)
     is_main = rank == 0
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    ckpt = load_checkpoint(ckpt_path, device) if os.path.exists(ckpt_path) else None
+    saved = ckpt["config"] if ckpt is not None else {}
+    # What the command line leaves open comes from the checkpoint on resume, else the defaults.
+    args.dataset = args.dataset or saved.get("dataset", "gmm")
+    args.objective = args.objective or saved.get("objective", "dsm")
+    args.precision = args.precision or saved.get("precision", "fp32")
+    args.seed = saved.get("seed", 0) if args.seed is None else args.seed
+    if args.objective == "exact" and args.dataset in IMAGE_SETS:
+        fail(f"--objective exact needs one backward pass per dimension per step (D = "
+             f"{'3072' if args.dataset == 'cifar10' else '784'} for {args.dataset}); use dsm or ssm")
+    if ckpt is not None and saved["dataset"] != args.dataset:
+        fail(f"checkpoint {ckpt_path} was trained on a different dataset ({saved['dataset']}); use another --out-dir")
     try:
-        images = load_images(args, is_main) if args.dataset in IMAGE_SETS else None
+        images = load_images(args) if args.dataset in IMAGE_SETS else None
     except data.DataError as e:
         fail(str(e))
-    ckpt = load_checkpoint(ckpt_path, device) if os.path.exists(ckpt_path) else None
     train_data = images if images is not None else toy_sampler(args.dataset)(
         10_000, generator=torch.Generator().manual_seed(args.seed))  # only its shape and spread are used
-    config = resolve_config(args, train_data, device, saved=ckpt and ckpt["config"])
+    try:
+        config = resolve_config(args, train_data, device, saved=ckpt and saved, is_main=is_main)
+    except ValueError as e:  # a combination of settings that the NCSNv2 techniques or the networks refuse
+        fail(str(e))
     if config["batch_size"] % world:
         fail(f"--batch-size {config['batch_size']} is not divisible by the {world} processes")
 
     # The model and its EMA start identical on every rank (same seed); each rank then draws its own data, noise and
     # dropout, and DDP all-reduces the gradients, so the weights and the EMA stay identical everywhere.
     torch.manual_seed(config["seed"])
-    model = make_model(config).to(device)
+    try:
+        model = make_model(config).to(device)
+    except ValueError as e:
+        fail(str(e))
     if device.type == "cuda" and images is not None:
         model = model.to(memory_format=torch.channels_last)
     ema = ncsn.EMA(model, decay=config["ema_decay"])
-    torch.manual_seed(config["seed"] * 1000 + rank)  # dropout differs between ranks, like the data and noise
-    generators = {"data": torch.Generator(device).manual_seed(config["seed"] * 1000 + rank),
-                  "noise": torch.Generator(device).manual_seed(config["seed"] * 1000 + rank + 500)}
+
+    def seed_streams(step):
+        torch.manual_seed(config["seed"] * 1000 + rank + 250 + 1_000_003 * step)  # dropout
+        return {"data": torch.Generator(device).manual_seed(config["seed"] * 1000 + rank + 1_000_003 * step),
+                "noise": torch.Generator(device).manual_seed(config["seed"] * 1000 + rank + 500 + 1_000_003 * step)}
+
+    generators = seed_streams(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], betas=(0.9, 0.999), eps=1e-8)
     step = 0
     if ckpt is not None:
-        check_identity(ckpt["config"], config, ckpt_path)
+        check_identity(saved, config, ckpt_path)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # a new --lr applies from here on
             group["lr"] = config["lr"]
         step = ckpt["step"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank], generators)
-        else:  # another number of processes: the weights and optimiser carry over, the random streams start afresh
-            for offset, g in enumerate(generators.values()):
-                g.manual_seed(config["seed"] * 1000 + rank + 500 * offset + 1_000_003 * step)
+        states = ckpt["rng"]
+        if len(states) == world and states[rank].get("device") == device.type:
+            set_rng_state(states[rank], generators, device)
+        else:  # another number of processes or kind of device: weights and optimiser carry over, streams restart
+            generators = seed_streams(step)
             if is_main:
-                print(f"note: the checkpoint was written by {len(ckpt['rng'])} process(es), this run has {world}: "
-                      "the random streams are reseeded, so the continuation is not bit-identical")
+                print(f"note: the checkpoint's random streams are from {len(states)} process(es) on "
+                      f"{states[0].get('device')}, this run has {world} on {device.type}: they are reseeded, so "
+                      "the continuation is not bit-identical")
+        changed = {k: (saved[k], config[k]) for k in config if k in saved and saved[k] != config[k]}
         if is_main:
-            print(f"resuming from {ckpt_path} at step {step}")
+            print(f"resuming from {ckpt_path} at step {step}" + "".join(f"; {k} {a} -> {b}" for k, (a, b) in
+                                                                       changed.items()))
+    if world > 1:  # every rank must have read the same checkpoint: the out-dir must be shared by every machine
+        steps = torch.tensor([step, -step], device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0] != -steps[1]:
+            fail(f"ranks resumed from different steps; --out-dir ({args.out_dir}) must be on a file system that "
+                 "every machine sees")
 
     precision = config["precision"]
     if precision == "bf16" and device.type == "mps":
         print("note: bf16 autocast is not supported on mps here; training in fp32", file=sys.stderr)
+        precision = "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print("note: this GPU has no bf16; training in fp32", file=sys.stderr)
         precision = "fp32"
     net = model
     if world > 1:
@@ -465,23 +514,36 @@ def train(args):
     if args.compile:  # the checkpoint keeps the plain module's state_dict, loadable without compile
         if device.type == "mps":
             print("note: --compile is not supported on mps; running uncompiled", file=sys.stderr)
+        elif config["objective"] != "dsm":
+            print(f"note: --compile cannot differentiate twice, which --objective {config['objective']} needs; "
+                  "running uncompiled", file=sys.stderr)
         else:
             torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
             net = torch.compile(net)
     batch = make_batches(config, images, device, generators["data"])
     sigmas = torch.tensor(config["sigmas"], device=device)
     local_batch = config["batch_size"] // world
+    # ssm and exact differentiate the network twice; fused attention kernels have no double backward.
+    attention = contextlib.nullcontext if config["objective"] == "dsm" else \
+        lambda: torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
 
     def score(x, sigma):
-        with autocast(device, precision):
+        with autocast(device, precision), attention():
             return net(x, sigma).float()
 
     def checkpoint():
+        """Write {model, ema, optimizer, step, config, rng} atomically, once the weights are known to be finite."""
+        finite = torch.stack([p.isfinite().all() for m in (model, ema.module) for p in m.parameters()]).all().float()
+        if world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite:
+            fail(f"the weights are not finite after step {step}; stopping before they are saved (the last good "
+                 f"checkpoint in {args.out_dir} is untouched); try a lower --lr")
         states = [None] * world
         if world > 1:
-            dist.all_gather_object(states, rng_state(generators))
+            dist.all_gather_object(states, rng_state(generators, device))
         else:
-            states = [rng_state(generators)]
+            states = [rng_state(generators, device)]
         if is_main:
             os.makedirs(args.out_dir, exist_ok=True)
             state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
@@ -497,27 +559,35 @@ def train(args):
     band_sum = torch.zeros(n_bands, device=device)
     band_count = torch.zeros(n_bands, device=device)
 
-    def flush(step):
-        """One host sync: stop on a non-finite loss before anything is written, then log the interval."""
-        values = torch.stack(losses) if losses else torch.zeros(0, device=device)
-        if world > 1:  # every rank sees the same numbers, so every rank stops together on a non-finite loss
+    def check(step):
+        """One host sync: stop on a non-finite loss of the interval before anything is written."""
+        values = torch.stack(losses[checked[0]:]) if len(losses) > checked[0] else torch.zeros(0, device=device)
+        bad = (~torch.isfinite(values)).any().float()
+        if world > 1:  # every rank stops together, whichever saw it
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad:
+            values = values.cpu()
+            where = (f"at step {step - len(values) + 1 + int((~torch.isfinite(values)).nonzero()[0])}"
+                     if not torch.isfinite(values).all() else f"on another rank by step {step}")
+            fail(f"the loss is not finite {where}; stopping before anything more is saved (the last good checkpoint "
+                 f"in {args.out_dir} is untouched); try a lower --lr")
+        checked[0] = len(losses)
+
+    def record(step):
+        """The metrics line of the steps since the last one, averaged over the ranks."""
+        values = torch.stack(losses)
+        if world > 1:
             for t in (values, band_sum, band_count):
                 dist.all_reduce(t)
             values /= world
-        values = values.cpu()
-        if not torch.isfinite(values).all():
-            bad = step - len(values) + 1 + int((~torch.isfinite(values)).nonzero()[0])
-            fail(f"loss is {values[~torch.isfinite(values)][0].item()} at step {bad}; stopping before it is saved "
-                 f"(the last good checkpoint in {args.out_dir} is untouched); try a lower --lr")
-        seconds = time.perf_counter() - clock[0]
-        record = dict(step=step, loss=float(values.mean()) if len(values) else None, lr=config["lr"],
-                      images_per_s=len(values) * config["batch_size"] / seconds if len(values) else None,
-                      loss_per_sigma_band={name: float(s / max(c, 1)) for name, s, c in
-                                           zip(band_names, band_sum.cpu(), band_count.cpu())})
-        losses.clear()
-        band_sum.zero_(), band_count.zero_()
-        clock[0] = time.perf_counter()
-        return record
+        timer["seconds"] += time.perf_counter() - timer["start"]
+        line = dict(step=step, loss=float(values.mean()), lr=config["lr"],
+                    images_per_s=len(values) * config["batch_size"] / timer["seconds"],
+                    loss_per_sigma_band={name: float(s / max(c, 1)) for name, s, c in
+                                         zip(band_names, band_sum.cpu(), band_count.cpu())})
+        losses.clear(), band_sum.zero_(), band_count.zero_()
+        checked[0], timer["seconds"], timer["start"] = 0, 0.0, time.perf_counter()
+        return line
 
     def log(record):
         if is_main:
@@ -530,7 +600,10 @@ def train(args):
         print(f"{config['dataset']}: {n_params / 1e6:.2f} M parameters, {len(sigmas)} sigmas "
               f"{config['sigmas'][0]:.3g} -> {config['sigmas'][-1]:.3g}, objective {config['objective']}, "
               f"{world} process(es) on {device}, writing to {args.out_dir}")
-    clock = [time.perf_counter()]
+    checked = [0]  # how many of `losses` are known to be finite
+    timer = {"start": time.perf_counter(), "seconds": 0.0}  # training time since the last metrics line
+    # Non-finite losses are looked for at every metrics line, checkpoint and sample, and at least every 100 steps.
+    check_every = min(config["log_every"] or 100, 100)
     quality_generator = torch.Generator(device).manual_seed(config["seed"] + 12345)
     # The bar shows on a terminal only (disable=None), on rank 0; it closes before any error is printed.
     with tqdm(total=config["steps"], initial=step, disable=None if is_main else True, dynamic_ncols=True,
@@ -540,7 +613,7 @@ def train(args):
             x = batch(local_batch)  # (b, *shape)
             levels = torch.randint(len(sigmas), (local_batch,), device=device, generator=generators["noise"])
             per_example = ncsn.ncsn_loss(score, x, sigmas, objective=config["objective"], reduction="none",
-                                         levels=levels, generator=generators["noise"])  # (b,)
+                                         levels=levels, generator=generators["noise"], trace="loop")  # (b,)
             loss = per_example.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -556,14 +629,19 @@ def train(args):
             do_log = config["log_every"] and step % config["log_every"] == 0
             do_ckpt = (config["ckpt_every"] and step % config["ckpt_every"] == 0) or last
             do_sample = config["sample_every"] and (step % config["sample_every"] == 0 or last)
-            if do_log or do_ckpt or do_sample:
-                record = flush(step)  # exits on a non-finite loss before any checkpoint of this interval is written
-                if do_log:
-                    bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}")
-                    if bar.disable and is_main:  # no terminal (a log file, a batch job): one line per interval
-                        print(f"step {step}: loss {record['loss']:.4g}, {record['images_per_s']:.0f} images/s",
-                              flush=True)
-                    log(record)
+            if do_log or do_ckpt or do_sample or step % check_every == 0:
+                check(step)  # exits on a non-finite loss before anything of this interval is written
+                if not config["log_every"]:  # no metrics lines: nothing to keep once checked
+                    losses.clear(), band_sum.zero_(), band_count.zero_()
+                    checked[0] = 0
+            if do_log:
+                line = record(step)
+                bar.set_postfix(loss=f"{line['loss']:.4g}", img_s=f"{line['images_per_s']:.0f}")
+                if bar.disable and is_main:  # no terminal (a log file, a batch job): one line per interval
+                    print(f"step {step}: loss {line['loss']:.4g}, {line['images_per_s']:.0f} images/s", flush=True)
+                log(line)
+            if do_ckpt or do_sample:
+                timer["seconds"] += time.perf_counter() - timer["start"]  # saving and sampling are not training
                 if do_ckpt:
                     checkpoint()
                 if do_sample and is_main:
@@ -575,7 +653,7 @@ def train(args):
                         log(dict(step=step, **quality))
                 if do_sample and world > 1:
                     dist.barrier()
-                clock[0] = time.perf_counter()  # time spent saving and sampling is not training throughput
+                timer["start"] = time.perf_counter()
     if world > 1:  # DDP keeps the ranks in lockstep; say so, or stop loudly if they ever drifted apart
         fingerprint = torch.stack([torch.cat([p.detach().double().flatten() for p in m.parameters()]).square().sum()
                                    for m in (model, ema.module)])
@@ -608,7 +686,7 @@ def sample_mode(args):
     images = config["dataset"] in IMAGE_SETS
     print(f"sampling {args.sample} from {ckpt_path} (step {ckpt['step']}), {len(config['sigmas'])} levels x "
           f"{config['n_steps_each']} steps + denoise")
-    samples = draw_samples(ema.module, config, args.sample, device, seed=args.seed, progress=True,
+    samples = draw_samples(ema.module, config, args.sample, device, seed=args.seed or 0, progress=True,
                            batch_size=args.sample_batch_size)
     if images:
         array = rearrange((samples * 255).round().to(torch.uint8).cpu(), "n c h w -> n h w c").numpy()

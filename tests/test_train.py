@@ -145,6 +145,14 @@ def test_bf16_switch_on_cpu_trains(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in metrics(out))
 
 
+def test_compile_with_a_second_order_objective_says_why_and_runs_uncompiled(tmp_path):
+    out = tmp_path / "ssm"
+    result = run("--dataset", "gmm", "--objective", "ssm", "--compile", "--out-dir", out, "--steps", 10,
+                 "--sample-every", 0, *FAST)
+    assert "--compile cannot differentiate twice" in result.stderr and "running uncompiled" in result.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 10
+
+
 def test_compile_switch_on_cpu_works_or_says_why(tmp_path):
     out = tmp_path / "compiled"
     result = run("--dataset", "gmm", "--compile", "--out-dir", out, "--steps", 10, "--sample-every", 0, *FAST,
@@ -196,6 +204,23 @@ def test_corrupt_or_foreign_checkpoint_is_refused_and_left_alone(tmp_path):
                           "checkpoint", "corrupt")
     assert (out / "checkpoint.pt").read_bytes() == truncated
     assert_one_line_error(run("--out-dir", out, "--sample", 4, "--device", "cpu", check=False), "corrupt")
+    torch.save({"model": {}}, out / "checkpoint.pt")  # readable, but not a checkpoint of train.py
+    assert_one_line_error(run("--dataset", "gmm", "--out-dir", out, "--steps", 10, *FAST, check=False),
+                          "not a checkpoint of train.py")
+
+
+def test_resume_keeps_the_runs_settings_unless_a_flag_changes_them(tmp_path):
+    out = tmp_path / "run"
+    run("--dataset", "swissroll", "--out-dir", out, "--steps", 10, "--lr", "3e-4", "--ema-decay", "0.5",
+        "--objective", "ssm", "--sample-every", 0, *FAST)
+    # Only --out-dir and --steps: dataset, objective, batch, lr, sigmas and EMA decay come from the checkpoint.
+    result = run("--out-dir", out, "--steps", 20, "--device", "cpu", "--lr", "1e-4")
+    assert f"resuming from {out / 'checkpoint.pt'} at step 10" in result.stdout
+    assert "lr 0.0003 -> 0.0001" in result.stdout and "steps 10 -> 20" in result.stdout
+    config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+    assert (config["dataset"], config["objective"], config["batch_size"], config["ema_decay"]) == (
+        "swissroll", "ssm", 64, 0.5)
+    assert config["lr"] == 1e-4 and len(config["sigmas"]) == 8 and config["steps"] == 20
 
 
 def test_non_finite_loss_stops_before_overwriting_the_checkpoint(tmp_path):
@@ -205,5 +230,5 @@ def test_non_finite_loss_stops_before_overwriting_the_checkpoint(tmp_path):
     # An absurd learning rate drives the weights, then the loss, to inf/nan within a few steps.
     result = run("--dataset", "gmm", "--out-dir", out, "--steps", 30, "--lr", "1e30", "--sample-every", 0,
                  "--ckpt-every", 15, *FAST, check=False)
-    assert_one_line_error(result, "loss is", "at step")
+    assert_one_line_error(result, "loss is not finite", "at step")
     assert (out / "checkpoint.pt").read_bytes() == good
