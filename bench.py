@@ -1,0 +1,609 @@
+"""Performance figures of the project, measured in one run and printed as markdown tables (notes §3-§10).
+
+    python bench.py                    # every section; under three minutes on 2 CPU cores, larger settings on a GPU
+    python bench.py --quick            # smaller settings, under thirty seconds on a CPU
+    python bench.py --sections 1,4 --json bench.json
+
+1. Cost of one training step against the dimension D: exact score matching (notes §3, Hyvärinen 2005, Thm 1; D
+   backward passes), sliced score matching with and without variance reduction (notes §5, Song et al. 2019) and
+   denoising score matching (notes §4, Vincent 2011), each as a ratio to DSM at the same D.
+2. The variance of the sliced estimate against the exact value E[tr(grad_x s) + 1/2 ||s||^2] on a Gaussian with a
+   linear score s(x) = A x + b, where the exact value is tr(A) + 1/2 mean ||A x + b||^2 (notes §5).
+3. Annealed Langevin dynamics (notes §9, Song & Ermon 2019 Algorithm 1): the sampler's time over that of the same
+   number of bare score evaluations.
+4. The NCSN U-Net at the CIFAR-10 preset (notes §8, §10): training images/s, memory, FLOPs, share of the GPU's peak.
+5. Sampling the CIFAR-10 preset's full annealed chain (L T + 1 = 232 * 5 + 1 evaluations), images/s.
+6. The toy objectives table: DSM, SSM-VR and exact score matching through ncsn.ncsn_loss on the notes' two-mode
+   mixture, with the Fisher divergence of each trained model to the true noisy score.
+
+Machines are noisy, so every comparison is a ratio of interleaved measurements (A B A B ..., medians) taken in the
+same run. Timings use time.perf_counter, with the device synchronised around each timed call on CUDA.
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import ncsn
+from denoising import denoising_score_matching_loss
+from langevin import annealed_langevin_dynamics
+from score_matching import score_matching_loss
+from sliced import sliced_score_matching_loss
+
+# train.py's presets (notes' reference table), copied because nothing imports train.py.
+# NCSNv2 CIFAR-10: sigmas 50 -> 0.01 in L = 232 levels, T = 5 steps each, final denoising step; their step 6.2e-6
+# (for x + eps s + sqrt(2 eps) z) is 1.24e-5 in the notes' §9 update x + eps/2 s + sqrt(eps) z used here.
+CIFAR10 = dict(sigma_max=50.0, sigma_min=0.01, n_sigmas=232, n_steps_each=5, step_size=1.24e-5, batch_size=128)
+# The two-mode mixture: sigmas 20 -> 0.01 in 30 levels, T = 50, step size 1e-5, Adam 1e-3, batch 512, MLP of 128.
+GMM = dict(sigma_max=20.0, sigma_min=0.01, n_sigmas=30, n_steps_each=50, step_size=1e-5, lr=1e-3, batch_size=512,
+           hidden=128)
+
+# Dense bf16 peaks (TFLOP/s, without sparsity) by device name; the first matching pattern wins.
+BF16_PEAK_TFLOPS = ((r"H100.*PCIe", 756), (r"H100(?!.*NVL)", 989), (r"H200", 989), (r"A100", 312), (r"\bL4\b", 121),
+                    (r"RTX 4090", 165))
+
+
+# ---- Timing ---------------------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device):
+    """Seconds taken by one call of fn, the device synchronised before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved_medians(fns, device, repeats, warmup=1, budget_s=math.inf):
+    """Median seconds per call of each fn in fns (a dict), timed in interleaved rounds A B C, C B A, ... after warmup.
+
+    Every other round runs in reverse order, so that no variant always follows the same one. Stops after `repeats`
+    rounds, or after two once the rounds have taken budget_s seconds. Returns ({name: median seconds}, rounds timed).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    for round_ in range(repeats):
+        for name in (list(fns) if round_ % 2 == 0 else list(fns)[::-1]):
+            times[name].append(_timed(fns[name], device))
+        if round_ >= 1 and time.perf_counter() - start > budget_s:
+            break
+    return {name: statistics.median(t) for name, t in times.items()}, len(next(iter(times.values())))
+
+
+def _proc_status_mib(field):
+    """A memory field of /proc/self/status ("VmRSS": resident now, "VmHWM": its peak) in MiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s*(\d+) kB", f.read(), re.MULTILINE).group(1)) / 1024
+
+
+def _measure_peak_memory(fn, device):
+    """Peak memory (MiB) of one call of fn: CUDA's peak allocation, or on the CPU the rise of the resident set over
+    what it was before the call (None where Linux's peak-RSS reset, /proc/self/clear_refs, isn't available)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc: hand freed heap memory back, so earlier steps don't hide this one's
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS, so the call's own peak shows
+        before = _proc_status_mib("VmRSS")
+    except OSError:
+        fn()
+        return None
+    fn()
+    return _proc_status_mib("VmHWM") - before
+
+
+# ---- Small pieces -----------------------------------------------------------------------------------------------
+
+def _mlp(dim, hidden, seed=0):
+    """The score model of section 1: D -> hidden -> hidden -> D with Softplus; a given seed gives given weights."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.Softplus(), torch.nn.Linear(hidden, hidden),
+                               torch.nn.Softplus(), torch.nn.Linear(hidden, dim))
+
+
+def _training_step(model, loss_fn):
+    """One step: loss, backward, Adam step; returns the callable that takes it."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _autocast(device, precision):
+    """bf16 autocast for the network's forward pass (as train.py does), or nothing for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _one_line(error):
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:160] if lines else ''}"
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bf16_peak_tflops(name):
+    """Dense bf16 peak of a known GPU by name, or None."""
+    for pattern, peak in BF16_PEAK_TFLOPS:
+        if re.search(pattern, name):
+            return peak
+    return None
+
+
+# ---- 1. Cost of one training step against D -------------------------------------------------------------------
+
+def bench_step_cost(device, quick):
+    """Cost of one step (loss, backward, Adam) of exact SM (notes §3), SSM, SSM-VR (§5) and DSM (§4) against D."""
+    gpu = device.type == "cuda"
+    dims = (2, 64, 784) if quick else (2, 64, 784, 3072)
+    batch, hidden = (256 if gpu else 64), 256
+    # Exact SM is timed at every D <= 64 (at most 64 backward passes); beyond, it is skipped where its step estimated
+    # from the largest D it was timed at is longer: D / D_prev times that time, the ratio of the numbers of backward
+    # passes, a lower bound since each pass costs more at a larger D.
+    exact_limit_s = 0.3 if quick else (10.0 if gpu else 3.0)
+    objectives = {
+        "dsm": lambda model, x: denoising_score_matching_loss(model, x, 0.1),
+        "ssm": lambda model, x: sliced_score_matching_loss(model, x, n_projections=1, projection="gaussian"),
+        "ssm-vr": lambda model, x: sliced_score_matching_loss(model, x, variance_reduction=True),
+        "exact (vectorised)": lambda model, x: score_matching_loss(model, x, trace="vectorized"),
+        "exact (loop)": lambda model, x: score_matching_loss(model, x, trace="loop"),
+    }
+    rows, notes, timed_at = [], [], {}  # timed_at[objective] = (D, seconds): the largest D it was timed at
+    for dim in dims:
+        x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(dim)).to(device)  # (B, D)
+        steps, skipped = {}, {}
+        for name, loss_fn in objectives.items():
+            if name.startswith("exact") and dim > 64:
+                estimate = timed_at[name][1] * dim / timed_at[name][0]  # D backward passes per step
+                if estimate > exact_limit_s:
+                    skipped[name] = (f"skipped (est. ≥ {estimate:.3g} s: D / {timed_at[name][0]} × the time at "
+                                     f"D = {timed_at[name][0]})")
+                    continue
+            model = _mlp(dim, hidden).to(device)
+            steps[name] = _training_step(model, lambda model=model, loss_fn=loss_fn: loss_fn(model, x))
+        # The warmup, timed: an exact step far slower than the limit is reported once and not repeated.
+        first = {name: _timed(step, device) for name, step in steps.items()}
+        cold = {name: first[name] for name in steps if name.startswith("exact") and first[name] > 2 * exact_limit_s}
+        medians, rounds = interleaved_medians({n: f for n, f in steps.items() if n not in cold}, device, warmup=0,
+                                              repeats=9 if quick else 15, budget_s=1.0 if quick else 8.0)
+        for name in objectives:
+            if name in skipped:
+                rows.append({"D": dim, "objective": name, "ms / step": None, "time / DSM": None, "note": skipped[name]})
+                continue
+            seconds = medians.get(name, cold.get(name))
+            timed_at[name] = (dim, seconds)
+            note = f"one cold step (over 2 × {exact_limit_s:g} s), not repeated" if name in cold else \
+                f"median of {rounds}"
+            rows.append({"D": dim, "objective": name, "ms / step": 1e3 * seconds,
+                         "time / DSM": seconds / medians["dsm"], "note": note})
+    ratio = {(r["D"], r["objective"]): r["time / DSM"] for r in rows}
+    notes.append(f"MLP D-{hidden}-{hidden}-D (Softplus), batch {batch}; a step is loss + backward + Adam step; "
+                 f"interleaved rounds, median.")
+    for name in ("exact (vectorised)", "ssm-vr"):
+        trend = ", ".join(f"{ratio[dim, name]:.3g} at D = {dim}" for dim in dims if ratio[dim, name] is not None)
+        notes.append(f"{name} / DSM: {trend}.")
+    notes.append(f"SSM-VR / DSM at D = 784: {ratio[784, 'ssm-vr']:.2f} (goal ≤ 2.5)")
+    return rows, notes
+
+
+# ---- 2. Variance of the sliced estimate ------------------------------------------------------------------------
+
+def _linear_score_problem(dim, n_points, device, seed=0):
+    """A linear score s(x) = A x + b and a fixed batch x ~ N(mu, Sigma) (float64), with the exact loss on the batch."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64)
+    A = torch.randn(dim, dim, generator=g, **f64) / math.sqrt(dim) - torch.eye(dim, **f64)  # (D, D), not symmetric
+    b = 0.3 * torch.randn(dim, generator=g, **f64)
+    mu = torch.randn(dim, generator=g, **f64)
+    chol = torch.eye(dim, **f64) + 0.3 * torch.randn(dim, dim, generator=g, **f64).tril(-1) / math.sqrt(dim)
+    x = mu + torch.randn(n_points, dim, generator=g, **f64) @ chol.T  # (N, D), Sigma = chol chol^T
+    A, b, x = A.to(device), b.to(device), x.to(device)
+    exact = (torch.trace(A) + 0.5 * (x @ A.T + b).pow(2).sum(1).mean()).item()  # tr(A) + 1/2 mean ||A x + b||^2
+    return (lambda y: y @ A.T + b), x, exact
+
+
+def bench_sliced_variance(device, quick):
+    """Bias and variance of the sliced estimate (notes §5) of E[tr(grad s) + 1/2 ||s||^2] on one fixed batch."""
+    n_points, n_draws = (32, 200) if quick else (32, 600)
+    rows = []
+    for dim in (16, 64):
+        score_fn, x, exact = _linear_score_problem(dim, n_points, device)
+        for n_projections in (1, 4, 16):
+            variance_of = {}
+            for projection in ("gaussian", "rademacher", "sphere"):
+                for variance_reduction in (False, True):
+                    # n_draws independent draws at once: the batch stacked n_draws times, one direction per row,
+                    # in chunks of about 4M numbers; each draw's estimate is the mean over its copy of the batch.
+                    g = torch.Generator(device).manual_seed(1)
+                    chunk = max(1, 2 ** 22 // (n_projections * n_points * dim))
+                    estimates = []
+                    for start in range(0, n_draws, chunk):
+                        k = min(chunk, n_draws - start)
+                        per_example = sliced_score_matching_loss(
+                            score_fn, x.repeat(k, 1), n_projections=n_projections, projection=projection,
+                            variance_reduction=variance_reduction, reduction="none", generator=g)  # (k * N,)
+                        estimates.append(per_example.reshape(k, n_points).mean(1))  # (k,)
+                    estimates = torch.cat(estimates)  # (n_draws,)
+                    variance = estimates.var().item()
+                    variance_of[projection, variance_reduction] = variance
+                    rows.append({"D": dim, "projection": projection, "VR": "yes" if variance_reduction else "no",
+                                 "n_projections": n_projections,
+                                 "bias / SE": (estimates.mean().item() - exact) / math.sqrt(variance / n_draws),
+                                 "variance": variance,
+                                 "variance / gaussian no-VR": variance / variance_of["gaussian", False]})
+    notes = [f"s(x) = A x + b on {n_points} fixed points x ~ N(mu, Sigma), float64; {n_draws} seeded draws of the "
+             f"directions per row; exact value tr(A) + 1/2 mean ||A x + b||^2; bias in standard errors of the mean "
+             f"(|bias / SE| < 5 expected of an unbiased estimator); the ratio is to gaussian no-VR at the same D "
+             f"and n_projections."]
+    return rows, notes
+
+
+# ---- 3. Sampler overhead ---------------------------------------------------------------------------------------
+
+def bench_sampler_overhead(device, quick):
+    """Annealed Langevin dynamics (notes §9, Algorithm 1): its time over that of as many bare score evaluations."""
+    gpu = device.type == "cuda"
+    torch.manual_seed(0)
+    small_unet = ncsn.NCSN(channels=32, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0)
+    cases = [
+        ("small NCSN (32 ch, 2 levels)", small_unet, (128 if gpu else 8, 3, 32, 32), 4 if quick else 10,
+         2 if quick else (5 if gpu else 2)),
+        (f"MLPScoreNet(2, hidden={GMM['hidden']})", ncsn.MLPScoreNet(2, hidden=GMM["hidden"]),
+         (GMM["batch_size"], 2), GMM["n_sigmas"], 5 if quick else GMM["n_steps_each"]),
+    ]
+    rows = []
+    for name, model, shape, n_sigmas, n_steps_each in cases:
+        model = model.to(device).eval()
+        sigmas = ncsn.geometric_sigmas(1.0, 0.01, n_sigmas)
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
+        n_evals = n_sigmas * n_steps_each + 1  # + the final denoising step
+        sigma = torch.full(shape[:1], 0.1, device=device)  # (B,)
+        generator = torch.Generator(device).manual_seed(0)
+
+        def sampler():
+            annealed_langevin_dynamics(model, x, sigmas, 1e-5, n_steps_each, generator=generator)
+
+        @torch.no_grad()
+        def bare():
+            for _ in range(n_evals):
+                model(x, sigma)
+
+        with torch.no_grad():
+            model(x, sigma)  # warmup: one evaluation, rather than a whole chain of each
+        medians, rounds = interleaved_medians({"sampler": sampler, "bare": bare}, device, repeats=15, warmup=0,
+                                              budget_s=1.5 if quick else 5.0)
+        rows.append({"model": name, "x": "×".join(map(str, shape)), "evaluations": n_evals,
+                     "sampler ms": 1e3 * medians["sampler"], "bare ms": 1e3 * medians["bare"],
+                     "overhead": medians["sampler"] / medians["bare"], "goal": "≤ 1.15",
+                     "note": f"median of {rounds}"})
+    notes = ["overhead = annealed Langevin time / time of the same number of bare model calls under no_grad on inputs "
+             "of the same shape; interleaved, median."]
+    return rows, notes
+
+
+# ---- 4. The NCSN U-Net at the CIFAR-10 preset -----------------------------------------------------------------
+
+def bench_unet(device, quick, compile_on_cpu=False):
+    """Training throughput of ncsn.NCSN() (notes §8, §10) at the CIFAR-10 preset: fp32, bf16 autocast, compile."""
+    gpu = device.type == "cuda"
+    batch = CIFAR10["batch_size"] if gpu else (1 if quick else 4)
+    torch.manual_seed(0)
+    model = ncsn.NCSN().to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.rand(1, 3, 32, 32, device=device), torch.ones(1, device=device))
+    flops_per_image = counter.get_total_flops()  # forward, batch 1 (2 FLOPs per multiply-add)
+
+    sigmas = ncsn.geometric_sigmas(CIFAR10["sigma_max"], CIFAR10["sigma_min"], CIFAR10["n_sigmas"]).to(device)
+    x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def training_step(net, precision):
+        def score(y, sigma):  # as train.py: autocast around the network only, the loss in fp32
+            with _autocast(device, precision):
+                return net(y, sigma).float()
+
+        def step():
+            loss = ncsn.ncsn_loss(score, x, sigmas, generator=generator)
+            loss.backward()
+            model.zero_grad(set_to_none=True)  # forward + backward; no optimiser step
+
+        return step
+
+    steps = {"fp32": training_step(model, "fp32"), "bf16 autocast": training_step(model, "bf16")}
+    compiled = "bf16 autocast + compile" if gpu else "fp32 + compile"
+    rows, failed = [], {}
+    if gpu or (compile_on_cpu and not quick):
+        steps[compiled] = training_step(torch.compile(model), "bf16" if gpu else "fp32")
+    else:
+        failed[compiled] = "skipped on the CPU: compiling takes minutes (--compile-on-cpu runs it)"
+
+    memory = {}
+    for name in list(steps):  # the first call of each is also its warmup
+        try:
+            memory[name] = _measure_peak_memory(steps[name], device)
+        except Exception as error:  # torch.compile's failures are many and varied; report, don't crash
+            failed[name] = f"failed: {_one_line(error)}"
+            del steps[name]
+    medians, rounds = interleaved_medians(steps, device, repeats=3 if quick else 5, warmup=0,
+                                          budget_s=1.0 if quick else (20.0 if gpu else 15.0))
+    peak = bf16_peak_tflops(device_name(device)) if gpu else None
+    for name in ("fp32", "bf16 autocast", compiled):
+        if name not in medians:
+            rows.append({"precision": name, "batch": batch, "note": failed[name]})
+            continue
+        images_per_s = batch / medians[name]
+        achieved = 3 * flops_per_image * images_per_s / 1e12  # forward + backward ≈ 3 forwards
+        rows.append({"precision": name, "batch": batch, "ms / step": 1e3 * medians[name],
+                     "images / s": images_per_s, "time / fp32": medians[name] / medians["fp32"],
+                     "peak memory MiB": memory[name], "TFLOP/s": achieved,
+                     "share of bf16 peak": (f"{achieved / peak:.1%}" if peak else "unknown") if gpu else "n/a",
+                     "note": f"median of {rounds}"})
+    notes = [f"ncsn.NCSN() default: {n_params / 1e6:.2f} M parameters, {flops_per_image / 1e9:.2f} GFLOPs per "
+             f"32×32×3 image forward (FlopCounterMode, batch 1); a step is ncsn_loss (DSM) + backward, train mode.",
+             "achieved TFLOP/s = 3 × forward FLOPs × images/s (forward + backward ≈ 3 forwards).",
+             "peak memory: " + ("torch.cuda.max_memory_allocated over one step." if gpu else
+                                "the rise of the resident set (VmHWM - VmRSS of /proc/self/status) over one step.") +
+             " The step measured is the first of each variant (with compile, it includes compiling)."]
+    if gpu:
+        notes.append(f"dense bf16 peak of this GPU: {peak} TFLOP/s." if peak else
+                     "dense bf16 peak unknown for this GPU.")
+    else:
+        notes.insert(0, f"on the CPU at batch {batch}, not the preset's {CIFAR10['batch_size']}.")
+    return rows, notes
+
+
+# ---- 5. Sampling the CIFAR-10 preset ---------------------------------------------------------------------------
+
+def bench_sampling(device, quick):
+    """Images/s of the CIFAR-10 preset's annealed chain (notes §9; NCSNv2: L = 232, T = 5, final denoising)."""
+    gpu = device.type == "cuda"
+    batch = 100 if gpu else (2 if quick else 8)
+    torch.manual_seed(0)
+    model = ncsn.NCSN().to(device).eval()
+    sigmas = ncsn.geometric_sigmas(CIFAR10["sigma_max"], CIFAR10["sigma_min"], CIFAR10["n_sigmas"])
+    n_steps_each = CIFAR10["n_steps_each"]
+    full_chain = len(sigmas) * n_steps_each + 1
+    # The evaluations timed: the whole chain on a GPU (but --quick), else the first level(s) of it.
+    n_levels = len(sigmas) if gpu and not quick else 10 if gpu else 1
+    whole = n_levels == len(sigmas)
+    n_evals = n_levels * n_steps_each + whole
+    generator = torch.Generator(device).manual_seed(0)
+
+    def chain(precision, levels, steps_each):
+        def run():
+            with _autocast(device, precision):
+                ncsn.sample(model, (batch, 3, 32, 32), sigmas[:levels], steps_each, CIFAR10["step_size"],
+                            denoise=levels == len(sigmas), generator=generator)
+        return run
+
+    precisions = ("fp32", "bf16 autocast") if gpu else ("fp32",)
+    for precision in precisions:  # warmup: a few evaluations each
+        chain(precision.split()[0], 1, 1)()
+    runs = {p: chain(p.split()[0], n_levels, n_steps_each) for p in precisions}
+    medians, rounds = interleaved_medians(runs, device, repeats=2 if gpu else 1, warmup=0)
+    rows = []
+    for precision in precisions:
+        per_eval = medians[precision] / n_evals
+        chain_s = per_eval * full_chain
+        rows.append({"precision": precision, "batch": batch, "ms / evaluation": 1e3 * per_eval,
+                     "full chain s": chain_s, "images / s": batch / chain_s,
+                     "time / fp32": medians[precision] / medians["fp32"],
+                     "note": "whole chain" + (f", median of {rounds}" if rounds > 1 else "") if whole else
+                             f"extrapolated from {n_evals} evaluations"})
+    notes = [f"ncsn.NCSN() default in eval mode, ncsn.sample with the preset: sigmas {CIFAR10['sigma_max']:g} -> "
+             f"{CIFAR10['sigma_min']:g} in {len(sigmas)} levels, T = {n_steps_each}, final denoising: "
+             f"{full_chain} evaluations per chain."]
+    if not gpu:
+        notes.append(f"on the CPU at batch {batch}, not 100; bf16 is measured on CUDA only.")
+    return rows, notes
+
+
+# ---- 6. The toy objectives table -------------------------------------------------------------------------------
+
+def bench_toy_objectives(device, quick):
+    """DSM, SSM-VR and exact SM via ncsn.ncsn_loss (notes §3-§5, §8) on the two-mode mixture: cost and accuracy."""
+    n_steps, n_eval = (200, 2000) if quick else (1500, 10_000)
+    sigmas = ncsn.geometric_sigmas(GMM["sigma_max"], GMM["sigma_min"], GMM["n_sigmas"]).to(device)
+    objectives = ("dsm", "ssm", "exact")
+    models, steps = {}, {}
+    for objective in objectives:
+        torch.manual_seed(0)  # the same initial weights for every objective
+        model = models[objective] = ncsn.MLPScoreNet(2, hidden=GMM["hidden"]).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=GMM["lr"])
+        data_generator = torch.Generator(device).manual_seed(1)  # the same batches for every objective
+        loss_generator = torch.Generator(device).manual_seed(2)
+
+        def step(model=model, optimizer=optimizer, objective=objective, data_generator=data_generator,
+                 loss_generator=loss_generator):
+            x = data.sample_gmm(GMM["batch_size"], generator=data_generator, device=device)  # (B, 2)
+            loss = ncsn.ncsn_loss(model, x, sigmas, objective=objective, generator=loss_generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        steps[objective] = step
+    # The training runs themselves, interleaved step by step: the median step time of each is its cost.
+    medians, _ = interleaved_medians(steps, device, repeats=n_steps, warmup=0)
+
+    # A fixed held-out set of noisy points at every level (and at sigma = 1, not itself a level).
+    g = torch.Generator(device).manual_seed(3)
+    x = data.sample_gmm(n_eval, generator=g, device=device)  # (N, 2)
+    eval_sigmas = sigmas.tolist() + [1.0]
+    noise = torch.randn(len(eval_sigmas), n_eval, 2, generator=g, device=device)  # (L + 1, N, 2)
+    rows = []
+    for objective in objectives:
+        fisher = []  # raw Fisher divergence 1/2 E||s(x~, sigma) - grad log q_sigma(x~)||^2 at each evaluation level
+        with torch.no_grad():
+            for sigma_value, z in zip(eval_sigmas, noise):
+                sigma = torch.full((n_eval,), sigma_value, device=device)  # (N,)
+                x_noisy = x + sigma_value * z  # x~ ~ q_sigma
+                error = models[objective](x_noisy, sigma) - data.gmm_noisy_score(x_noisy, sigma)  # (N, 2)
+                fisher.append(0.5 * error.pow(2).sum(1).mean().item())
+        weighted = statistics.fmean(s ** 2 * f for s, f in zip(eval_sigmas[:-1], fisher[:-1]))
+        rows.append({"objective": objective, "ms / step": 1e3 * medians[objective],
+                     "time / DSM": medians[objective] / medians["dsm"], "σ²-weighted Fisher": weighted,
+                     "Fisher σ=20": fisher[0], "Fisher σ=1": fisher[-1], "Fisher σ=0.01": fisher[-2]})
+    notes = [f"ncsn.MLPScoreNet(2, hidden={GMM['hidden']}) trained {n_steps} steps per objective (the same seed, "
+             f"batches and initial weights), batch {GMM['batch_size']}, Adam {GMM['lr']:g}, sigmas geometric "
+             f"{GMM['sigma_max']:g} -> {GMM['sigma_min']:g} in {GMM['n_sigmas']} levels (the gmm preset); ssm is "
+             f"SSM-VR with one Gaussian projection.",
+             f"Fisher divergence to the true noisy score data.gmm_noisy_score on {n_eval} fixed held-out noisy points "
+             f"per level: σ²-weighted = mean over the {GMM['n_sigmas']} levels of "
+             f"1/2 E||σ s(x~, σ) - σ ∇log q_σ(x~)||²; raw at σ = 20, 1, 0.01."]
+    return rows, notes
+
+
+# ---- Output ----------------------------------------------------------------------------------------------------
+
+def _format(value):
+    if value is None:
+        return "—"
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1e-3 or magnitude == 0:
+        return f"{value:.3g}" if magnitude < 1 else f"{value:.2f}"
+    return f"{value:.2e}"
+
+
+def markdown_table(rows):
+    """A markdown table with the union of the rows' keys as columns, in order of first appearance."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_format(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+SECTIONS = {
+    1: ("Cost of one training step against the dimension D", bench_step_cost),
+    2: ("Variance of the sliced estimate against the exact value on a Gaussian", bench_sliced_variance),
+    3: ("Sampler overhead of annealed Langevin dynamics", bench_sampler_overhead),
+    4: ("The NCSN U-Net at the CIFAR-10 preset", bench_unet),
+    5: ("Sampling the CIFAR-10 preset's annealed chain", bench_sampling),
+    6: ("Toy objectives on the two-mode mixture", bench_toy_objectives),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Performance figures of the project, as markdown tables.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller settings (under thirty seconds on a CPU)")
+    p.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+    p.add_argument("--sections", default=",".join(map(str, SECTIONS)), help="comma-separated sections to run")
+    p.add_argument("--device", default="auto", help="auto picks cuda when available, else cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--compile-on-cpu", action="store_true", help="also time torch.compile in section 4 on a CPU")
+    args = p.parse_args(argv)
+    try:
+        args.sections = [int(s) for s in args.sections.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--sections must be comma-separated numbers from {list(SECTIONS)}, got {args.sections!r}")
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown or not args.sections:
+        p.error(f"--sections must name sections among {list(SECTIONS)}, got {args.sections or 'none'}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            sys.exit(f"bench.py: error: --device must be auto, cpu or cuda[:N], got {args.device!r}")
+        if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+            sys.exit(f"bench.py: error: --device {args.device} is not available here (cpu or cuda[:N] when present)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":  # as train.py: TF32 for fp32 matmuls and convolutions
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    start = time.perf_counter()
+    header = {"device": f"{device.type} ({device_name(device)})", "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "load average": os.getloadavg()[0], "quick": args.quick,
+              "python": platform.python_version()}
+    print(f"# bench.py{' --quick' if args.quick else ''}: {header['device']}, torch {header['torch']}, "
+          f"{header['threads']} threads, load average {header['load average']:.2f} at start")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if device.type == "cpu" and header["threads"] > 1 and header["load average"] + header["threads"] > cores:
+        # Measured here: with a load of 2-3 on 2 cores, OpenMP threads that spin while waiting for a descheduled
+        # partner made small steps up to 100x slower; passive waiting or one thread removed the slowdown.
+        print(f"warning: load average {header['load average']:.2f} on {cores} cores: where other processes are busy, "
+              f"torch's threads contend with them and can slow small operations many times over "
+              f"(--threads 1 or OMP_WAIT_POLICY=PASSIVE avoids it)")
+    results = {"header": header, "sections": {}}
+    for number in args.sections:
+        title, bench = SECTIONS[number]
+        section_start = time.perf_counter()
+        kwargs = {"compile_on_cpu": args.compile_on_cpu} if number == 4 else {}
+        rows, notes = bench(device, args.quick, **kwargs)
+        seconds = time.perf_counter() - section_start
+        print(f"\n## {number}. {title}\n\n{markdown_table(rows)}\n")
+        for note in notes:
+            print(f"- {note}")
+        print(f"- section time {seconds:.1f} s")
+        sys.stdout.flush()
+        results["sections"][str(number)] = {"title": title, "rows": rows, "notes": notes, "seconds": seconds}
+    header["total seconds"] = time.perf_counter() - start
+    header["load average at end"] = os.getloadavg()[0]
+    print(f"\ntotal {header['total seconds']:.1f} s; load average {header['load average at end']:.2f} at end")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    main()
