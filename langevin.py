@@ -21,10 +21,20 @@ import math
 import torch
 
 
-def _check_noise(noise, n_steps, x):
-    """A pre-drawn noise tensor must hold one standard normal draw per step: shape (n_steps, *x.shape)."""
-    if noise is not None and noise.shape != (n_steps, *x.shape):
-        raise ValueError(f"noise must have shape {(n_steps, *x.shape)} (one draw per step), got {tuple(noise.shape)}")
+def _check_chain(step_size, n_steps, n_steps_name, x, generator, noise, total_steps):
+    """The checks both samplers share; returns step_size as a float. A pre-drawn noise tensor must hold one standard
+    normal draw per step: shape (total_steps, *x.shape)."""
+    step_size = float(step_size)
+    if not (step_size > 0 and math.isfinite(step_size)):
+        raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
+    if n_steps < 0:
+        raise ValueError(f"{n_steps_name} must be >= 0, got {n_steps}")
+    if noise is not None and generator is not None:
+        raise ValueError("pass either generator or noise, not both")
+    if noise is not None and noise.shape != (total_steps, *x.shape):
+        raise ValueError(f"noise must have shape {(total_steps, *x.shape)} (one draw per step), "
+                         f"got {tuple(noise.shape)}")
+    return step_size
 
 
 @torch.no_grad()
@@ -42,14 +52,7 @@ def langevin_dynamics(score_fn, x, step_size, n_steps, generator=None, noise=Non
         current x; x is updated in place afterwards, so clone it to keep it.
     Returns x after n_steps steps, same shape as the input.
     """
-    step_size = float(step_size)
-    if not (step_size > 0 and math.isfinite(step_size)):
-        raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
-    if n_steps < 0:
-        raise ValueError(f"n_steps must be >= 0, got {n_steps}")
-    if noise is not None and generator is not None:
-        raise ValueError("pass either generator or noise, not both")
-    _check_noise(noise, n_steps, x)
+    step_size = _check_chain(step_size, n_steps, "n_steps", x, generator, noise, n_steps)
 
     half_step, sqrt_step = step_size / 2, math.sqrt(step_size)
     x = x.clone()  # the working copy, updated in place below
@@ -100,14 +103,7 @@ def annealed_langevin_dynamics(score_fn, x, sigmas, step_size, n_steps_each, den
     Returns the samples, same shape as x.
     """
     sigmas = _as_sigma_list(sigmas)
-    step_size = float(step_size)
-    if not (step_size > 0 and math.isfinite(step_size)):
-        raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
-    if n_steps_each < 0:
-        raise ValueError(f"n_steps_each must be >= 0, got {n_steps_each}")
-    if noise is not None and generator is not None:
-        raise ValueError("pass either generator or noise, not both")
-    _check_noise(noise, len(sigmas) * n_steps_each, x)
+    step_size = _check_chain(step_size, n_steps_each, "n_steps_each", x, generator, noise, len(sigmas) * n_steps_each)
 
     sigma_last = sigmas[-1]
     x = x.clone()  # the working copy, updated in place below
