@@ -448,7 +448,7 @@ def train(args):
     train_data = images if images is not None else toy_sampler(args.dataset)(
         10_000, generator=torch.Generator().manual_seed(args.seed))  # only its shape and spread are used
     try:
-        config = resolve_config(args, train_data, device, saved=ckpt and saved, is_main=is_main)
+        config = resolve_config(args, train_data, device, saved=saved if ckpt is not None else None, is_main=is_main)
     except ValueError as e:  # a combination of settings that the NCSNv2 techniques or the networks refuse
         fail(str(e))
     if config["batch_size"] % world:
