@@ -207,6 +207,8 @@ def resolve_config(args, train_data, device, saved=None, is_main=True):
     if n_sigmas is None:  # technique 2
         n_sigmas = math.ceil(math.log(sigma_max / sigma_min) / math.log(ncsn.sigma_ratio(dim))) + 1
     sigmas = ncsn.geometric_sigmas(sigma_max, sigma_min, n_sigmas).tolist()
+    if saved is not None and all(getattr(args, k) is None for k in ("sigma_max", "sigma_min", "n_sigmas")):
+        sigmas = saved["sigmas"]  # verbatim: recomputing them from the rounded endpoints could move the last bit
     step_size = preset["step_size"]
     if step_size is None:  # technique 4
         step_size = ncsn.recommended_step_size(sigmas, preset["n_steps_each"], dim)
