@@ -349,10 +349,19 @@ def draw_samples(model, config, n, device, seed, progress=False, batch_size=None
                        data_range=tuple(config["data_range"]), batch_size=batch_size)
 
 
-def save_grid(images, path):
-    """(N, C, H, W) in [0, 1] -> one PNG, a square-ish grid with 2-pixel gaps."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported when a figure is first saved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_grid(images, path):
+    """(N, C, H, W) in [0, 1] -> one PNG, a square-ish grid with 2-pixel gaps."""
+    plt = pyplot()
     n = images.shape[0]
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -365,11 +374,7 @@ def save_grid(images, path):
 
 
 def save_scatter(samples, reference, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(*reference.cpu().T, s=2, alpha=0.3, color="0.6", label="data")
     ax.scatter(*samples.cpu().T, s=2, alpha=0.6, color="C0", label="samples")
@@ -682,22 +687,21 @@ def sample_mode(args):
     ckpt = load_checkpoint(ckpt_path, device)
     config = ckpt["config"]
     model = make_model(config).to(device)
-    model.load_state_dict(ckpt["model"])
-    ema = ncsn.EMA(model, decay=config["ema_decay"])
-    ema.load_state_dict(ckpt["ema"])
+    model.load_state_dict(ckpt["ema"])  # the EMA's state dict is the averaged network's own: sample from those weights
     images = config["dataset"] in IMAGE_SETS
     print(f"sampling {args.sample} from {ckpt_path} (step {ckpt['step']}), {len(config['sigmas'])} levels x "
           f"{config['n_steps_each']} steps + denoise")
-    samples = draw_samples(ema.module, config, args.sample, device, seed=args.seed or 0, progress=True,
+    samples = draw_samples(model, config, args.sample, device, seed=args.seed or 0, progress=True,
                            batch_size=args.sample_batch_size)
     if images:
         array = rearrange((samples * 255).round().to(torch.uint8).cpu(), "n c h w -> n h w c").numpy()
         save_grid(samples[:100], os.path.join(args.out_dir, "samples.png"))
     else:
         array = samples.cpu().numpy()
-        reference = toy_sampler(config["dataset"])(len(samples), generator=torch.Generator(device).manual_seed(1),
+        shown = min(len(samples), 5000)
+        reference = toy_sampler(config["dataset"])(shown, generator=torch.Generator(device).manual_seed(1),
                                                    device=device)
-        save_scatter(samples[:5000], reference[:5000], os.path.join(args.out_dir, "samples.png"),
+        save_scatter(samples[:shown], reference, os.path.join(args.out_dir, "samples.png"),
                      f"{config['dataset']}: {args.sample} samples")
     save_atomic(lambda f: np.savez(f, array), os.path.join(args.out_dir, "samples.npz"))
     print(f"wrote {os.path.join(args.out_dir, 'samples.npz')} ({array.dtype} {tuple(array.shape)}) and samples.png")
