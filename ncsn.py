@@ -1,27 +1,33 @@
-"""Noise conditional score networks: notes §8 and §10, after [Song & Ermon 2019] "Generative modeling by estimating
-gradients of the data distribution" (NCSN) and [Song & Ermon 2020] "Improved techniques for training score-based
-generative models" (NCSNv2).
+"""Noise conditional score networks: notes §8, §9 and §10, after [Song & Ermon 2019] "Generative modeling by
+estimating gradients of the data distribution" (NCSN) and [Song & Ermon 2020] "Improved techniques for training
+score-based generative models" (NCSNv2). In the order of the notes:
 
-One network s_theta(x~, sigma) ≈ grad log q_sigma(x~) serves every level of a geometric sequence
-sigma_1 > ... > sigma_L and is trained with the sigma^2-weighted denoising objective (notes §8)
+- §8 noise levels: a geometric sequence sigma_1 > ... > sigma_L                  (geometric_sigmas)
+- §8 the loss: one network s_theta(x~, sigma) ≈ grad log q_sigma(x~) for every level, trained with
+       L(theta) = 1/L sum_i sigma_i^2 * 1/2 E || s_theta(x + sigma_i z, sigma_i) + z / sigma_i ||^2,
+  one level drawn per example                                                     (ncsn_loss)
+- §9 the sampler: annealed Langevin dynamics from uniform noise, then NCSNv2's denoising step   (sample)
+- §10 NCSNv2's techniques:
+  technique 1: sigma_1 = the largest distance between two training points        (max_pairwise_distance)
+  technique 2: the ratio gamma of consecutive sigmas from the dimension D          (sigma_ratio, recommended_sigmas)
+  technique 3: s_theta(x, sigma) = net(x) / sigma                                  (NCSN, MLPScoreNet)
+  technique 4: the step size that brings f(eps) of notes §10 closest to 1          (recommended_step_size)
+  technique 5: an exponential moving average of the weights                        (EMA)
+- the networks: a U-Net with skip connections for images (NCSN), an MLP for 2-D toys (MLPScoreNet).
 
-    L(theta) = 1/L sum_i sigma_i^2 * 1/2 E || s_theta(x + sigma_i z, sigma_i) + z / sigma_i ||^2,
+Files: this one needs denoising.py (the §8 loss) and langevin.py (the §9 sampler) beside it; sliced.py and
+score_matching.py are imported only by ncsn_loss(objective="ssm") and (objective="exact"). So ncsn.py, denoising.py
+and langevin.py copied alone into a folder train and sample.
 
-one level drawn per example. Samples come from annealed Langevin dynamics (notes §9) started from uniform noise,
-with the final denoising step of NCSNv2. The practical advice of notes §10 lives here too:
-
-- technique 1: sigma_1 = the largest distance between two training points     (max_pairwise_distance)
-- technique 2: the ratio gamma of consecutive sigmas from the dimension D       (sigma_ratio, recommended_sigmas)
-- technique 3: s_theta(x, sigma) = net(x, log sigma) / sigma                    (NCSN, MLPScoreNet)
-- technique 4: the step size that brings f(eps) of notes §10 closest to 1       (recommended_step_size)
-- a U-Net with skip connections (NCSN) and an exponential moving average of the weights (EMA).
-
-The U-Net is the DDPM one [Ho et al. 2020]: residual blocks with GroupNorm and SiLU, the noise embedding added
-inside every block, self-attention at chosen resolutions and in the middle. Its default (35.7 M parameters,
-12.4 GFLOPs per 32x32 image) is sized like NCSNv2's RefineNet for CIFAR-10 (29.7 M, 19.8 GFLOPs).
+The U-Net is the DDPM one [Ho et al. 2020]: residual blocks with GroupNorm and SiLU, self-attention at chosen
+resolutions and in the middle. Its default (35.7 M parameters, 12.4 GFLOPs per 32x32 image) is sized like NCSNv2's
+RefineNet for CIFAR-10 (29.7 M, 19.8 GFLOPs). By default it also feeds log sigma into every residual block, as
+NCSN++ does [Song et al. 2021]; conditional=False gives technique 3 exactly as the notes write it.
 """
 import copy
 import math
+import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +37,6 @@ from tqdm.auto import tqdm
 
 from denoising import denoising_score_matching_loss
 from langevin import annealed_langevin_dynamics
-from score_matching import score_matching_loss
-from sliced import sliced_score_matching_loss
 
 OBJECTIVES = ("dsm", "ssm", "exact")
 
@@ -42,203 +46,7 @@ def _expand_like(sigma, x):
     return sigma.reshape(-1, *[1] * (x.dim() - 1))
 
 
-def _sigma_batch(sigma, x):
-    """sigma as a (B,) tensor in at least fp32: a Python float, a 0-d tensor or a (B,) tensor is accepted."""
-    dtype = torch.promote_types(x.dtype, torch.float32)  # log sigma and the division stay in >= fp32 under autocast
-    if not isinstance(sigma, torch.Tensor):
-        if not 0 < float(sigma) < math.inf:
-            raise ValueError(f"sigma must be > 0 and finite, got {sigma}")
-        return torch.full(x.shape[:1], float(sigma), dtype=dtype, device=x.device)
-    if sigma.dim() == 0:
-        return sigma.to(x.device, dtype).expand(x.shape[0])
-    if sigma.shape != x.shape[:1]:
-        raise ValueError(f"sigma must be a float or a tensor of shape () or ({x.shape[0]},), got {tuple(sigma.shape)}")
-    return sigma.to(x.device, dtype)
-
-
-def _noise_features(sigma, n):
-    """(B,) sigma -> (B, 2 * (n // 2)) sines and cosines of log sigma (technique 3's conditioning input).
-
-    Angular frequencies are geometric from 0.01 to 100 per unit of log sigma: the lowest stays below pi across
-    sigma in [1e-3, 1e3], so no two levels of a practical range alias, and the highest turns by more than
-    3 radians between neighbouring levels of NCSNv2's ratio 1.04, so the network can tell them apart.
-    """
-    freqs = torch.logspace(-2, 2, n // 2, device=sigma.device, dtype=sigma.dtype)  # (n/2,)
-    angles = torch.outer(sigma.log(), freqs)  # (B, n/2)
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-def _norm(channels):
-    # 32 groups as in DDPM, fewer for narrow networks: a group keeps >= 4 channels, since a group of one channel
-    # would subtract away the per-channel shift by which the noise embedding enters each residual block.
-    return nn.GroupNorm(math.gcd(32, max(channels // 4, 1)), channels)
-
-
-def _zero(module):
-    """Zero a layer's weight and bias: the residual branch (or the whole output) starts at exactly 0."""
-    nn.init.zeros_(module.weight)
-    nn.init.zeros_(module.bias)
-    return module
-
-
-class ResBlock(nn.Module):
-    """GroupNorm, SiLU, conv; + the noise embedding; GroupNorm, SiLU, dropout, conv; + the (1x1-projected) input."""
-
-    def __init__(self, in_channels, out_channels, embed_dim, dropout, attention=False):
-        super().__init__()
-        self.norm1, self.conv1 = _norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.embed = nn.Linear(embed_dim, out_channels)
-        self.norm2, self.dropout = _norm(out_channels), nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        self.attention = Attention(out_channels) if attention else nn.Identity()
-
-    def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        h = h + rearrange(self.embed(emb), "b c -> b c 1 1")
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.attention(self.skip(x) + h)
-
-
-class Attention(nn.Module):
-    """Self-attention over the H*W positions, heads of 64 channels (one head when C isn't a multiple of 64)."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.heads = channels // 64 if channels % 64 == 0 else 1
-        self.norm, self.qkv = _norm(channels), nn.Conv2d(channels, 3 * channels, 1)
-        self.out = _zero(nn.Conv2d(channels, channels, 1))
-
-    def forward(self, x):
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three heads d) h w -> three b heads (h w) d",
-                            three=3, heads=self.heads)  # each (B, heads, H*W, C/heads)
-        h = F.scaled_dot_product_attention(q, k, v)  # fused (flash / memory-efficient) kernels on GPUs
-        return x + self.out(rearrange(h, "b heads (h w) d -> b (heads d) h w", h=x.shape[2]))
-
-
-class Downsample(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x, emb):
-        return self.conv(x)  # (B, C, H/2, W/2)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x, emb):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
-
-
-class NCSN(nn.Module):
-    """Noise-conditional U-Net s_theta(x, sigma) = net(x, log sigma) / sigma (notes §8, §10; NCSNv2 technique 3).
-
-    The DDPM U-Net [Ho et al. 2020]: len(channel_mults) levels of num_res_blocks residual blocks (channels *
-    mult channels), a strided-conv downsampling between levels, a middle of block-attention-block, and the mirror
-    path up (nearest + conv upsampling) with the down path's activations concatenated in (the skip connections).
-    log sigma enters through sinusoidal features and an MLP, added inside every residual block; the output is
-    divided by sigma, so the network only has to produce sigma * score, whose target -z has unit scale at every
-    level. Any sigma > 0 is accepted, not just the training levels.
-
-    attn_resolutions: feature-map sizes (H at a level) that get self-attention, for inputs of image_size x
-        image_size. The attention layers belong to levels: other input sizes (any H, W divisible by
-        2^(len(channel_mults) - 1)) run with attention at the same levels.
-    Initialisation (as in DDPM): the last conv of every residual branch, every attention output and the output conv
-    are zero, so each block starts as the identity and the score starts at exactly 0, where the sigma^2-weighted
-    loss is 1/2 ||z||^2 (D/2 on average) at every level: no level starts with a huge loss.
-    """
-
-    def __init__(self, in_channels=3, channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), dropout=0.1, image_size=32):
-        super().__init__()
-        sizes = [image_size // 2 ** level for level in range(len(channel_mults))]
-        if image_size % 2 ** (len(channel_mults) - 1) or any(r not in sizes for r in attn_resolutions):
-            raise ValueError(f"attn_resolutions must be among the level sizes {sizes} of image_size={image_size}, "
-                             f"got {tuple(attn_resolutions)}; pass the training image size as image_size")
-        self.in_channels, self.n_down = in_channels, len(channel_mults) - 1
-        embed_dim = 4 * channels
-        self.embed = nn.Sequential(nn.Linear(2 * (channels // 2), embed_dim), nn.SiLU(),
-                                   nn.Linear(embed_dim, embed_dim))  # log sigma features -> (B, 4 * channels)
-        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
-
-        # Down path: every module's output is kept as a skip connection for the up path.
-        self.down, skips, c = nn.ModuleList(), [channels], channels
-        for level, mult in enumerate(channel_mults):
-            for _ in range(num_res_blocks):
-                self.down.append(ResBlock(c, channels * mult, embed_dim, dropout, sizes[level] in attn_resolutions))
-                c = channels * mult
-                skips.append(c)
-            if level < self.n_down:
-                self.down.append(Downsample(c))
-                skips.append(c)
-        self.mid = nn.ModuleList([ResBlock(c, c, embed_dim, dropout, attention=True),
-                                  ResBlock(c, c, embed_dim, dropout)])
-        # Up path: one block more per level than on the way down, each eating one skip.
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mults))):
-            for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(c + skips.pop(), channels * mult, embed_dim, dropout,
-                                        sizes[level] in attn_resolutions))
-                c = channels * mult
-            if level > 0:
-                self.up.append(Upsample(c))
-        self.norm_out, self.conv_out = _norm(c), _zero(nn.Conv2d(c, in_channels, 3, padding=1))
-
-    def forward(self, x, sigma):
-        """s_theta(x, sigma) = net(x, log sigma) / sigma (NCSNv2 technique 3); x (B, C, H, W), sigma (B,) or float."""
-        factor = 2 ** self.n_down
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"NCSN expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"NCSN expects H and W divisible by {factor} (len(channel_mults)-1 downsamplings), "
-                             f"got {x.shape[2]}x{x.shape[3]}")
-        sigma = _sigma_batch(sigma, x)  # (B,)
-        emb = F.silu(self.embed(_noise_features(sigma, self.embed[0].in_features).to(x.dtype)))  # (B, 4 * channels)
-
-        hs = [self.conv_in(x)]  # (B, channels, H, W)
-        for block in self.down:
-            hs.append(block(hs[-1], emb))
-        h = hs[-1]
-        for block in self.mid:
-            h = block(h, emb)
-        for block in self.up:  # isinstance is decided when tracing: no data-dependent control flow
-            h = block(h, emb) if isinstance(block, Upsample) else block(torch.cat([h, hs.pop()], dim=1), emb)
-        h = self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
-        return h / _expand_like(sigma, h)
-
-
-class MLPScoreNet(nn.Module):
-    """s_theta(x, sigma) = mlp([x, features(log sigma)]) / sigma for vectors (notes §8; the 2-D toy of NCSN).
-
-    n_layers hidden layers of `hidden` Softplus units (the toy reference is 2-128-128-2), the sinusoidal features
-    of log sigma concatenated to the input, the output divided by sigma (technique 3) and its last layer zero, so
-    the score starts at 0.
-    """
-
-    def __init__(self, dim, hidden=128, n_layers=2, n_features=32):
-        super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
-        self.dim, self.n_features = dim, n_features
-        widths = [dim + 2 * (n_features // 2)] + [hidden] * n_layers
-        layers = [m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.Softplus())]
-        self.net = nn.Sequential(*layers, _zero(nn.Linear(hidden, dim)))
-
-    def forward(self, x, sigma):
-        """s_theta(x, sigma) = net(x, log sigma) / sigma (NCSNv2 technique 3); x (B, dim), sigma (B,) or float."""
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"MLPScoreNet expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
-        sigma = _sigma_batch(sigma, x)  # (B,)
-        h = torch.cat([x, _noise_features(sigma, self.n_features).to(x.dtype)], dim=1)  # (B, dim + n_features)
-        out = self.net(h)  # (B, dim)
-        return out / _expand_like(sigma, out)
-
-
-# ---- Noise levels and NCSNv2's recommendations (notes §10) ---------------------------------------------------
+# ---- §8: noise levels ------------------------------------------------------------------------------------------
 
 def geometric_sigmas(sigma_max, sigma_min, n, dtype=torch.float32):
     """sigma_i = sigma_max (sigma_min / sigma_max)^((i - 1) / (n - 1)), i = 1..n (notes §8): a geometric sequence.
@@ -258,6 +66,146 @@ def geometric_sigmas(sigma_max, sigma_min, n, dtype=torch.float32):
     sigmas[0], sigmas[-1] = sigma_max, sigma_min
     return sigmas.to(dtype)
 
+
+def _check_sigmas(sigmas):
+    """sigmas must be 1-D, finite, > 0 and strictly descending. Call on CPU tensors only: it reads the values."""
+    if sigmas.dim() != 1 or len(sigmas) == 0:
+        raise ValueError(f"sigmas must be a non-empty 1-D tensor, got shape {tuple(sigmas.shape)}")
+    if not bool(((sigmas > 0) & (sigmas < math.inf)).all()):
+        raise ValueError(f"sigmas must be finite and > 0, got {sigmas.tolist()}")
+    if len(sigmas) > 1 and not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f"sigmas must be strictly descending (sigma_1 > ... > sigma_L), got {sigmas.tolist()}")
+    return sigmas
+
+
+# ---- §8: the NCSN objective ------------------------------------------------------------------------------------
+
+def ncsn_loss(model, x, sigmas, objective="dsm", reduction="mean", levels=None, noise=None, n_projections=1,
+              generator=None, trace="auto"):
+    """NCSN loss (notes §8): 1/L sum_i sigma_i^2 l(theta; sigma_i), one level per example drawn uniformly.
+
+    objective "dsm": l = 1/2 E || s(x + sigma z, sigma) + z / sigma ||^2 (denoising.py), so that
+        sigma^2 l = 1/2 E || sigma s + z ||^2 has unit-scale targets at every level.
+    objective "ssm": sigma^2-weighted sliced score matching with variance reduction (sliced.py, Gaussian
+        projections) on the noisy data x + sigma z, the NCSN authors' anneal_sliced_score_estimation_vr; its value
+        is sigma^2 (Fisher divergence to q_sigma - 1/2 E ||grad log q_sigma||^2), so it can be negative.
+    objective "exact": the same with Hyvärinen's exact Jacobian trace (score_matching.py): D backward passes, so
+        for low-dimensional data only; `trace` picks its method ("loop" for a model that torch.func cannot
+        transform, such as one wrapped in DistributedDataParallel).
+    model: model(x, sigma) with sigma of shape (B,); x: clean data (B, *event_shape).
+    sigmas: (L,) descending noise levels; keep them on x's device to avoid a copy per step (the values are checked
+        only when they are on the CPU, where that needs no device sync).
+    levels: optional (B,) long tensor of level indices, for callers that log the loss per level; drawn with
+        torch.randint(L, generator=generator) on x's device when None.
+    noise: optional standard normal z shaped like x. reduction: "mean" (0-d) or "none" (B,) per-example values.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    sigmas = torch.as_tensor(sigmas)
+    if sigmas.device.type == "cpu":
+        _check_sigmas(sigmas)
+    sigmas = sigmas.to(x.device, x.dtype)
+    if levels is None:
+        levels = torch.randint(len(sigmas), x.shape[:1], device=x.device, generator=generator)  # (B,)
+    elif levels.shape != x.shape[:1]:
+        raise ValueError(f"levels must have shape ({x.shape[0]},), got {tuple(levels.shape)}")
+    if noise is not None and noise.shape != x.shape:
+        raise ValueError(f"noise must have the shape of x, {tuple(x.shape)}, got {tuple(noise.shape)}")
+    sigma = sigmas[levels]  # (B,)
+    if objective == "dsm":
+        loss = denoising_score_matching_loss(lambda y: model(y, sigma), x, sigma, noise=noise, reduction="none",
+                                             generator=generator)  # (B,)
+    else:  # score matching on the noisy data, whose optimum is the score of q_sigma
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x_noisy = x + _expand_like(sigma, x) * noise  # x~ = x + sigma z, (B, *event_shape)
+        if objective == "exact":
+            from score_matching import score_matching_loss  # only this objective needs score_matching.py
+
+            loss = score_matching_loss(lambda y: model(y, sigma), x_noisy, reduction="none", trace=trace)  # (B,)
+        else:  # sliced.py stacks the n_projections copies of the batch along dim 0, so sigma repeats likewise
+            from sliced import sliced_score_matching_loss  # only this objective needs sliced.py
+
+            loss = sliced_score_matching_loss(lambda y: model(y, sigma.repeat(n_projections)), x_noisy,
+                                              n_projections=n_projections, variance_reduction=True,
+                                              reduction="none", generator=generator)  # (B,)
+    loss = sigma ** 2 * loss  # lambda(sigma) = sigma^2
+    return loss.mean() if reduction == "mean" else loss
+
+
+# ---- §9: the sampler -------------------------------------------------------------------------------------------
+
+def _device_dtype(model, sigmas):
+    """Where and in what precision to sample: the model's first parameter, else the sigmas."""
+    param = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    ref = param if param is not None else torch.as_tensor(sigmas)
+    return ref.device, ref.dtype if ref.is_floating_point() else torch.float32
+
+
+def _log_line(text):
+    """tqdm's output as plain lines (no carriage returns, no blank lines), for a log file."""
+    text = text.strip("\r\n ")
+    if text:
+        print(text, file=sys.stderr, flush=True)
+
+
+def progress_bar(total, desc, enabled=True, log_every_s=30.0):
+    """A tqdm bar on a terminal; where stderr is not one (a log file, a batch job), a plain line every log_every_s
+    seconds and one at the end, so that a log keeps the progress instead of a bar's carriage returns."""
+    if not enabled or sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False, unit="eval")
+    return tqdm(total=total, desc=desc, mininterval=log_every_s, unit="eval",
+                file=types.SimpleNamespace(write=_log_line, flush=lambda: None),
+                bar_format="{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
+
+
+@torch.no_grad()
+def sample(model, shape, sigmas, n_steps_each, step_size, denoise=True, generator=None, progress=False,
+           data_range=(0.0, 1.0), batch_size=None):
+    """Annealed Langevin dynamics from the uniform prior (notes §9; Song & Ermon 2019 Algorithm 1, NCSNv2 denoising).
+
+    shape: (N, *event_shape) of the samples; sigmas: descending; step_size: eps, the step at the last level
+        (alpha_i = eps sigma_i^2 / sigma_L^2, the paper's update x + alpha/2 s + sqrt(alpha) z; the NCSN authors'
+        code uses a step twice as large for the same numbers).
+    data_range: (low, high); the chains start uniform on it, and only the returned samples are clamped to it.
+    batch_size: chains run in chunks of this many (all at once when None), each from its own prior draw.
+    generator: a torch.Generator on the model's device for the prior and the Langevin noise.
+    progress: show the network evaluations done (progress_bar: a bar on a terminal, periodic lines in a log).
+    The model runs in eval mode (dropout off) under no_grad; its training mode is restored afterwards.
+    """
+    device, dtype = _device_dtype(model, sigmas)
+    sigmas = _check_sigmas(torch.as_tensor(sigmas).cpu())  # once per call: the sampler reads them on the host
+    low, high = map(float, data_range)
+    if not low < high:
+        raise ValueError(f"data_range must be (low, high) with low < high, got {data_range}")
+    n, event_shape = shape[0], tuple(shape[1:])
+    batch_size = batch_size or n
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"need at least one sample and batch_size >= 1, got shape {tuple(shape)}, "
+                         f"batch_size {batch_size}")
+    was_training = model.training if isinstance(model, nn.Module) else None
+    if was_training:
+        model.eval()
+    n_chunks = math.ceil(n / batch_size)
+    try:
+        with progress_bar(n_chunks * (len(sigmas) * n_steps_each + denoise), "sample", enabled=progress) as bar:
+            chunks = []
+            for start in range(0, n, batch_size):
+                m = min(batch_size, n - start)
+                x = low + (high - low) * torch.rand((m, *event_shape), generator=generator, device=device,
+                                                    dtype=dtype)  # (m, *event_shape), uniform prior
+                chunks.append(annealed_langevin_dynamics(model, x, sigmas, step_size, n_steps_each, denoise=denoise,
+                                                         generator=generator,
+                                                         callback=lambda step, x: bar.update(1)))
+    finally:
+        if was_training:
+            model.train()
+    return torch.cat(chunks).clamp_(low, high)  # (N, *event_shape)
+
+
+# ---- §10: NCSNv2's techniques 1, 2 and 4 -----------------------------------------------------------------------
 
 def max_pairwise_distance(data, batch_size=2048):
     """max_{i,j} ||x_i - x_j||, NCSNv2 technique 1's sigma_1, by blocks of torch.cdist (memory batch_size^2)."""
@@ -358,18 +306,213 @@ def recommended_step_size(sigmas, n_steps_each, dim=None):
     return 2 * (lo + hi) / 2 * sigma_last ** 2  # 2x: from NCSNv2's x + alpha s + sqrt(2 alpha) z to notes §9
 
 
-def _check_sigmas(sigmas):
-    """sigmas must be 1-D, finite, > 0 and strictly descending. Call on CPU tensors only: it reads the values."""
-    if sigmas.dim() != 1 or len(sigmas) == 0:
-        raise ValueError(f"sigmas must be a non-empty 1-D tensor, got shape {tuple(sigmas.shape)}")
-    if not bool(((sigmas > 0) & (sigmas < math.inf)).all()):
-        raise ValueError(f"sigmas must be finite and > 0, got {sigmas.tolist()}")
-    if len(sigmas) > 1 and not bool((sigmas[1:] < sigmas[:-1]).all()):
-        raise ValueError(f"sigmas must be strictly descending (sigma_1 > ... > sigma_L), got {sigmas.tolist()}")
-    return sigmas
+# ---- The networks: technique 3 and the U-Net (§8, §10) -------------------------------------------------------
+
+def _sigma_batch(sigma, x):
+    """sigma as a (B,) tensor in at least fp32: a Python float, a 0-d tensor or a (B,) tensor is accepted."""
+    dtype = torch.promote_types(x.dtype, torch.float32)  # log sigma and the division stay in >= fp32 under autocast
+    if not isinstance(sigma, torch.Tensor):
+        if not 0 < float(sigma) < math.inf:
+            raise ValueError(f"sigma must be > 0 and finite, got {sigma}")
+        return torch.full(x.shape[:1], float(sigma), dtype=dtype, device=x.device)
+    if sigma.dim() == 0:
+        return sigma.to(x.device, dtype).expand(x.shape[0])
+    if sigma.shape != x.shape[:1]:
+        raise ValueError(f"sigma must be a float or a tensor of shape () or ({x.shape[0]},), got {tuple(sigma.shape)}")
+    return sigma.to(x.device, dtype)
 
 
-# ---- Exponential moving average of the weights (notes §10) ---------------------------------------------------
+def _noise_features(sigma, n):
+    """(B,) sigma -> (B, 2 * (n // 2)) sines and cosines of log sigma, the networks' conditioning input.
+
+    Angular frequencies are geometric from 0.01 to 100 per unit of log sigma: the lowest stays below pi across
+    sigma in [1e-3, 1e3], so no two levels of a practical range alias, and the highest turns by more than
+    3 radians between neighbouring levels of NCSNv2's ratio 1.04, so the network can tell them apart.
+    """
+    freqs = torch.logspace(-2, 2, n // 2, device=sigma.device, dtype=sigma.dtype)  # (n/2,)
+    angles = torch.outer(sigma.log(), freqs)  # (B, n/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def _norm(channels):
+    # 32 groups as in DDPM, fewer for narrow networks: a group keeps >= 4 channels, since a group of one channel
+    # would subtract away the per-channel shift by which the noise embedding enters each residual block.
+    return nn.GroupNorm(math.gcd(32, max(channels // 4, 1)), channels)
+
+
+def _zero(module):
+    """Zero a layer's weight and bias: the residual branch (or the whole output) starts at exactly 0."""
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv; + the noise embedding (if conditional); GroupNorm, SiLU, dropout, conv; + the input
+    (1x1-projected when the width changes)."""
+
+    def __init__(self, in_channels, out_channels, dropout, embed_dim=None):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.embed = nn.Linear(embed_dim, out_channels) if embed_dim else None
+        self.norm2, self.dropout = _norm(out_channels), nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x, emb=None):
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
+        if self.embed is not None:
+            h = h + rearrange(self.embed(emb), "b c -> b c 1 1")
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Self-attention over the H*W positions, heads of 64 channels (one head when C isn't a multiple of 64)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.heads = channels // 64 if channels % 64 == 0 else 1
+        self.norm, self.qkv = _norm(channels), nn.Conv2d(channels, 3 * channels, 1)
+        self.out = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three heads d) h w -> three b heads (h w) d",
+                            three=3, heads=self.heads)  # each (B, heads, H*W, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)  # fused (flash / memory-efficient) kernels on GPUs
+        return x + self.out(rearrange(h, "b heads (h w) d -> b (heads d) h w", h=x.shape[2]))
+
+
+def _level(blocks, attentions, resample):
+    """One resolution of the U-Net: residual blocks, each followed by its attention (or nothing), then a resampling
+    (or nothing at the ends of the path)."""
+    return nn.ModuleDict(dict(blocks=nn.ModuleList(blocks), attentions=nn.ModuleList(attentions), resample=resample))
+
+
+class NCSN(nn.Module):
+    """Noise-conditional U-Net s_theta(x, sigma) = net(x, log sigma) / sigma (notes §8, §10).
+
+    The DDPM U-Net [Ho et al. 2020]. Down: len(channel_mults) levels of num_res_blocks residual blocks (channels *
+    mult wide), each followed by self-attention where the feature map is in attn_resolutions, and a strided conv
+    between levels. Middle: block, attention, block. Up: the mirror levels with one block more, each block eating
+    the down path's activation of the same place (the skip connections), and nearest + conv upsampling.
+
+    Technique 3: the output is divided by sigma, so the network only produces sigma * score, whose target -z has
+    unit scale at every level. conditional=True (the default) also feeds log sigma into every residual block, through
+    sinusoidal features and an MLP, as NCSN++ does [Song et al. 2021]; conditional=False is technique 3 as the notes
+    write it, s_theta(x, sigma) = net(x) / sigma with an unconditional network, so sigma * s_theta(x, sigma) does
+    not depend on sigma. Any sigma > 0 is accepted, not just the training levels.
+
+    attn_resolutions: feature-map sizes (H at a level) that get self-attention, for inputs of image_size x
+        image_size. The attention layers belong to levels: other input sizes (any H, W divisible by
+        2^(len(channel_mults) - 1)) run with attention at the same levels.
+    Initialisation (as in DDPM): the last conv of every residual branch, every attention output and the output conv
+    are zero, so each block starts as the identity and the score starts at exactly 0, where the sigma^2-weighted
+    loss is 1/2 ||z||^2 (D/2 on average) at every level: no level starts with a huge loss.
+    """
+
+    def __init__(self, in_channels=3, channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
+                 attn_resolutions=(16,), dropout=0.1, image_size=32, conditional=True):
+        super().__init__()
+        sizes = [image_size // 2 ** level for level in range(len(channel_mults))]
+        if image_size % 2 ** (len(channel_mults) - 1) or any(r not in sizes for r in attn_resolutions):
+            raise ValueError(f"attn_resolutions must be among the level sizes {sizes} of image_size={image_size}, "
+                             f"got {tuple(attn_resolutions)}; pass the training image size as image_size")
+        self.in_channels, self.n_down = in_channels, len(channel_mults) - 1
+        embed_dim = 4 * channels if conditional else None
+        self.embed = nn.Sequential(nn.Linear(2 * (channels // 2), embed_dim), nn.SiLU(),
+                                   nn.Linear(embed_dim, embed_dim)) if conditional else None  # log sigma features
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+
+        def attention(level, c):
+            return Attention(c) if sizes[level] in attn_resolutions else nn.Identity()
+
+        # Down path: the width after every block and every downsampling is kept, for the skip it leaves.
+        self.down, skips, c = nn.ModuleList(), [channels], channels
+        for level, mult in enumerate(channel_mults):
+            blocks = []
+            for _ in range(num_res_blocks):
+                blocks.append(ResBlock(c, channels * mult, dropout, embed_dim))
+                c = channels * mult
+                skips.append(c)
+            last = level == self.n_down
+            if not last:
+                skips.append(c)
+            downsample = nn.Identity() if last else nn.Conv2d(c, c, 3, stride=2, padding=1)  # (B, C, H/2, W/2)
+            self.down.append(_level(blocks, [attention(level, c) for _ in blocks], downsample))
+        self.mid_block1, self.mid_attention = ResBlock(c, c, dropout, embed_dim), Attention(c)
+        self.mid_block2 = ResBlock(c, c, dropout, embed_dim)
+        # Up path: one block more per level than on the way down, each eating one skip.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            blocks = []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResBlock(c + skips.pop(), channels * mult, dropout, embed_dim))
+                c = channels * mult
+            upsample = nn.Identity() if level == 0 else nn.Sequential(
+                nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))  # (B, C, 2H, 2W)
+            self.up.append(_level(blocks, [attention(level, c) for _ in blocks], upsample))
+        self.norm_out, self.conv_out = _norm(c), _zero(nn.Conv2d(c, in_channels, 3, padding=1))
+
+    def forward(self, x, sigma):
+        """s_theta(x, sigma) = net(x, log sigma) / sigma (technique 3); x (B, C, H, W), sigma (B,), 0-d or a float."""
+        factor = 2 ** self.n_down
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"NCSN expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"NCSN expects H and W divisible by {factor} (len(channel_mults)-1 downsamplings), "
+                             f"got {x.shape[2]}x{x.shape[3]}")
+        sigma = _sigma_batch(sigma, x)  # (B,)
+        emb = None
+        if self.embed is not None:
+            emb = F.silu(self.embed(_noise_features(sigma, self.embed[0].in_features).to(x.dtype)))  # (B, 4 * ch)
+
+        h = self.conv_in(x)  # (B, channels, H, W)
+        skips = [h]
+        for i, level in enumerate(self.down):
+            for block, attention in zip(level["blocks"], level["attentions"]):
+                h = attention(block(h, emb))
+                skips.append(h)
+            if i < self.n_down:
+                h = level["resample"](h)
+                skips.append(h)
+        h = self.mid_block2(self.mid_attention(self.mid_block1(h, emb)), emb)
+        for level in self.up:
+            for block, attention in zip(level["blocks"], level["attentions"]):
+                h = attention(block(torch.cat([h, skips.pop()], dim=1), emb))
+            h = level["resample"](h)  # the identity at the top level
+        h = self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+        return h / _expand_like(sigma, h)
+
+
+class MLPScoreNet(nn.Module):
+    """s_theta(x, sigma) = mlp([x, features(log sigma)]) / sigma for vectors (notes §8; the 2-D toy of NCSN).
+
+    n_layers hidden layers of `hidden` Softplus units (the toy reference is 2-128-128-2), the sinusoidal features
+    of log sigma concatenated to the input, the output divided by sigma (technique 3) and its last layer zero, so
+    the score starts at 0.
+    """
+
+    def __init__(self, dim, hidden=128, n_layers=2, n_features=32):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        self.dim, self.n_features = dim, n_features
+        widths = [dim + 2 * (n_features // 2)] + [hidden] * n_layers
+        layers = [m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.Softplus())]
+        self.net = nn.Sequential(*layers, _zero(nn.Linear(hidden, dim)))
+
+    def forward(self, x, sigma):
+        """s_theta(x, sigma) = net(x, log sigma) / sigma (technique 3); x (B, dim), sigma (B,), 0-d or a float."""
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"MLPScoreNet expects x of shape (B, {self.dim}), got {tuple(x.shape)}")
+        sigma = _sigma_batch(sigma, x)  # (B,)
+        h = torch.cat([x, _noise_features(sigma, self.n_features).to(x.dtype)], dim=1)  # (B, dim + n_features)
+        out = self.net(h)  # (B, dim)
+        return out / _expand_like(sigma, out)
+
+
+# ---- Technique 5: an exponential moving average of the weights (§10) ------------------------------------------
 
 def _unwrap(model):
     """The plain module under torch.compile's and DistributedDataParallel's wrappers."""
@@ -418,107 +561,3 @@ class EMA:
 
     def load_state_dict(self, state_dict):
         return self.module.load_state_dict(state_dict)
-
-
-# ---- The NCSN objective (notes §8) and the sampler (notes §9) ------------------------------------------------
-
-def ncsn_loss(model, x, sigmas, objective="dsm", reduction="mean", levels=None, noise=None, n_projections=1,
-              generator=None, trace="auto"):
-    """NCSN loss (notes §8): 1/L sum_i sigma_i^2 l(theta; sigma_i), one level per example drawn uniformly.
-
-    objective "dsm": l = 1/2 E || s(x + sigma z, sigma) + z / sigma ||^2 (denoising.py), so that
-        sigma^2 l = 1/2 E || sigma s + z ||^2 has unit-scale targets at every level.
-    objective "ssm": sigma^2-weighted sliced score matching with variance reduction (sliced.py, Gaussian
-        projections) on the noisy data x + sigma z, the NCSN authors' anneal_sliced_score_estimation_vr; its value
-        is sigma^2 (Fisher divergence to q_sigma - 1/2 E ||grad log q_sigma||^2), so it can be negative.
-    objective "exact": the same with Hyvärinen's exact Jacobian trace (score_matching.py): D backward passes, so
-        for low-dimensional data only; `trace` picks its method ("loop" for a model that torch.func cannot
-        transform, such as one wrapped in DistributedDataParallel).
-    model: model(x, sigma) with sigma of shape (B,); x: clean data (B, *event_shape).
-    sigmas: (L,) descending noise levels; keep them on x's device to avoid a copy per step (the values are checked
-        only when they are on the CPU, where that needs no device sync).
-    levels: optional (B,) long tensor of level indices, for callers that log the loss per level; drawn with
-        torch.randint(L, generator=generator) on x's device when None.
-    noise: optional standard normal z shaped like x. reduction: "mean" (0-d) or "none" (B,) per-example values.
-    """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    sigmas = torch.as_tensor(sigmas)
-    if sigmas.device.type == "cpu":
-        _check_sigmas(sigmas)
-    sigmas = sigmas.to(x.device, x.dtype)
-    if levels is None:
-        levels = torch.randint(len(sigmas), x.shape[:1], device=x.device, generator=generator)  # (B,)
-    elif levels.shape != x.shape[:1]:
-        raise ValueError(f"levels must have shape ({x.shape[0]},), got {tuple(levels.shape)}")
-    if noise is not None and noise.shape != x.shape:
-        raise ValueError(f"noise must have the shape of x, {tuple(x.shape)}, got {tuple(noise.shape)}")
-    sigma = sigmas[levels]  # (B,)
-    if objective == "dsm":
-        loss = denoising_score_matching_loss(lambda y: model(y, sigma), x, sigma, noise=noise, reduction="none",
-                                             generator=generator)  # (B,)
-    else:  # score matching on the noisy data, whose optimum is the score of q_sigma
-        if noise is None:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x_noisy = x + _expand_like(sigma, x) * noise  # x~ = x + sigma z, (B, *event_shape)
-        if objective == "exact":
-            loss = score_matching_loss(lambda y: model(y, sigma), x_noisy, reduction="none", trace=trace)  # (B,)
-        else:  # sliced.py stacks the n_projections copies of the batch along dim 0, so sigma repeats likewise
-            loss = sliced_score_matching_loss(lambda y: model(y, sigma.repeat(n_projections)), x_noisy,
-                                              n_projections=n_projections, variance_reduction=True,
-                                              reduction="none", generator=generator)  # (B,)
-    loss = sigma ** 2 * loss  # lambda(sigma) = sigma^2
-    return loss.mean() if reduction == "mean" else loss
-
-
-def _device_dtype(model, sigmas):
-    """Where and in what precision to sample: the model's first parameter, else the sigmas."""
-    param = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
-    ref = param if param is not None else torch.as_tensor(sigmas)
-    return ref.device, ref.dtype if ref.is_floating_point() else torch.float32
-
-
-@torch.no_grad()
-def sample(model, shape, sigmas, n_steps_each, step_size, denoise=True, generator=None, progress=False,
-           data_range=(0.0, 1.0), batch_size=None):
-    """Annealed Langevin dynamics from the uniform prior (notes §9; Song & Ermon 2019 Algorithm 1, NCSNv2 denoising).
-
-    shape: (N, *event_shape) of the samples; sigmas: descending; step_size: eps, the step at the last level
-        (alpha_i = eps sigma_i^2 / sigma_L^2, the paper's update x + alpha/2 s + sqrt(alpha) z; the NCSN authors'
-        code uses a step twice as large for the same numbers).
-    data_range: (low, high); the chains start uniform on it, and only the returned samples are clamped to it.
-    batch_size: chains run in chunks of this many (all at once when None), each from its own prior draw.
-    generator: a torch.Generator on the model's device for the prior and the Langevin noise.
-    The model runs in eval mode (dropout off) under no_grad; its training mode is restored afterwards.
-    """
-    device, dtype = _device_dtype(model, sigmas)
-    sigmas = _check_sigmas(torch.as_tensor(sigmas).cpu())  # once per call: the sampler reads them on the host
-    low, high = map(float, data_range)
-    if not low < high:
-        raise ValueError(f"data_range must be (low, high) with low < high, got {data_range}")
-    n, event_shape = shape[0], tuple(shape[1:])
-    batch_size = batch_size or n
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"need at least one sample and batch_size >= 1, got shape {tuple(shape)}, "
-                         f"batch_size {batch_size}")
-    was_training = model.training if isinstance(model, nn.Module) else None
-    if was_training:
-        model.eval()
-    try:
-        n_chunks = math.ceil(n / batch_size)
-        with tqdm(total=n_chunks * (len(sigmas) * n_steps_each + denoise), disable=not progress,
-                  desc="sample", dynamic_ncols=True) as bar:
-            chunks = []
-            for start in range(0, n, batch_size):
-                m = min(batch_size, n - start)
-                x = low + (high - low) * torch.rand((m, *event_shape), generator=generator, device=device,
-                                                    dtype=dtype)  # (m, *event_shape), uniform prior
-                chunks.append(annealed_langevin_dynamics(model, x, sigmas, step_size, n_steps_each, denoise=denoise,
-                                                         generator=generator,
-                                                         callback=lambda step, x: bar.update(1)))
-    finally:
-        if was_training:
-            model.train()
-    return torch.cat(chunks).clamp_(low, high)  # (N, *event_shape)

@@ -2,6 +2,10 @@
 closed form on Gaussians; the EMA arithmetic; NCSNv2's recommended settings; the sampler, and a trained 2-D model
 that recovers the mode weights of the notes' two-mode mixture."""
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ncsn
 from langevin import annealed_langevin_dynamics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _reset(model):
@@ -60,21 +66,42 @@ def test_ncsn_shapes_finite_and_per_example(in_channels, size):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_ncsn_output_is_divided_by_sigma():
-    """NCSNv2 technique 3: with the noise embedding switched off, sigma * s(x, sigma) does not depend on sigma."""
-    torch.manual_seed(0)
-    model = _reset(_tiny(3, 8)).eval()
+def test_technique_3_as_written_is_the_unconditional_network():
+    """NCSNv2 technique 3, s(x, sigma) = net(x) / sigma: with conditional=False, sigma * s(x, sigma) does not depend
+    on sigma; the default also feeds log sigma into every block (NCSN++), so there it does."""
     x, sigmas = torch.rand(2, 3, 8, 8), [1e-3, 0.3, 50.0]
-    conditioned = [model(x, s) * s for s in sigmas]  # the embedding of log sigma reaches the output
-    assert all((a - b).abs().max() > 1e-3 for a, b in zip(conditioned, conditioned[1:]))
-    nn.init.zeros_(model.embed[-1].weight), nn.init.zeros_(model.embed[-1].bias)
-    scaled = [model(x, s) * s for s in sigmas]
+    torch.manual_seed(0)
+    conditional = _reset(_tiny(3, 8)).eval()
+    scaled = [conditional(x, s) * s for s in sigmas]
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(scaled, scaled[1:]))
+    torch.manual_seed(0)
+    unconditional = _reset(_tiny(3, 8, conditional=False)).eval()
+    scaled = [unconditional(x, s) * s for s in sigmas]
     assert scaled[0].abs().mean() > 1e-3  # not trivially zero
     for other in scaled[1:]:
         torch.testing.assert_close(other, scaled[0], rtol=1e-5, atol=1e-6)
+    # the unconditional network is the conditional one without the embedding MLP and the per-block projections
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    embedding = n_params(conditional.embed) + sum(n_params(m.embed) for m in conditional.modules()
+                                                  if isinstance(m, ncsn.ResBlock))
+    assert n_params(unconditional) == n_params(conditional) - embedding
     # and a float, a 0-d tensor and a (B,) tensor are the same sigma
-    torch.testing.assert_close(model(x, 0.3), model(x, torch.tensor(0.3)))
-    torch.testing.assert_close(model(x, 0.3), model(x, torch.full((2,), 0.3)))
+    torch.testing.assert_close(conditional(x, 0.3), conditional(x, torch.tensor(0.3)))
+    torch.testing.assert_close(conditional(x, 0.3), conditional(x, torch.full((2,), 0.3)))
+
+
+def test_unet_levels_attend_where_asked_and_skip_connections_pair_up():
+    """Per-level structure: num_res_blocks blocks down and one more up per level, attention after exactly the blocks
+    at attn_resolutions (plus the middle), and every up block eats one skip of the down path."""
+    model = ncsn.NCSN(3, channels=16, channel_mults=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0,
+                      image_size=32)
+    assert [len(level["blocks"]) for level in model.down] == [2, 2, 2]
+    assert [len(level["blocks"]) for level in model.up] == [3, 3, 3]
+    attends = lambda level: [isinstance(a, ncsn.Attention) for a in level["attentions"]]  # noqa: E731
+    assert [attends(level) for level in model.down] == [[False] * 2, [True] * 2, [False] * 2]  # 32, 16, 8
+    assert [attends(level) for level in model.up] == [[False] * 3, [True] * 3, [False] * 3]  # 8, 16, 32
+    n_skips = 1 + sum(len(level["blocks"]) for level in model.down) + model.n_down
+    assert n_skips == sum(len(level["blocks"]) for level in model.up)
 
 
 def test_ncsn_channels_last_and_bf16_autocast():
@@ -397,3 +424,40 @@ def test_trained_mlp_recovers_the_mode_weights():
     x = ncsn.sample(ema.module, (n, 2), sigmas, 50, 0.1, generator=g, data_range=(-8.0, 8.0))
     weight = (x.sum(1) > 0).double().mean().item()
     assert abs(weight - 0.8) < 5 * math.sqrt(0.8 * 0.2 / n) + 0.04
+
+
+# ---- copyable: ncsn.py needs only denoising.py and langevin.py -----------------------------------------------
+
+COPIED_ALONE = """
+import sys, torch, ncsn
+torch.manual_seed(0)
+sigmas = ncsn.geometric_sigmas(20.0, 0.5, 6)
+model, x = ncsn.MLPScoreNet(2, hidden=32), torch.randn(64, 2) * 3
+ema, optimizer = ncsn.EMA(model, decay=0.9), torch.optim.Adam(model.parameters(), lr=1e-2)
+for _ in range(30):
+    loss = ncsn.ncsn_loss(model, x, sigmas)
+    optimizer.zero_grad(); loss.backward(); optimizer.step(); ema.update(model)
+net = ncsn.NCSN(1, channels=8, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8)
+ncsn.ncsn_loss(net, torch.rand(2, 1, 8, 8), sigmas).backward()
+samples = ncsn.sample(ema.module, (16, 2), sigmas, 3, 1e-3, data_range=(-8.0, 8.0))
+images = ncsn.sample(net, (2, 1, 8, 8), sigmas, 1, 1e-3)
+assert samples.shape == (16, 2) and images.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()
+assert "sliced" not in sys.modules and "score_matching" not in sys.modules
+print(sorted(m for m in sys.modules if m in ("ncsn", "denoising", "langevin", "sliced", "score_matching")))
+"""
+
+
+def test_ncsn_denoising_and_langevin_copied_alone_train_and_sample(tmp_path):
+    """The module docstring's promise: the three files in an empty folder train (DSM) and sample; sliced.py and
+    score_matching.py are imported only by the objectives that use them."""
+    for name in ("ncsn.py", "denoising.py", "langevin.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", COPIED_ALONE], cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['denoising', 'langevin', 'ncsn']"
+    missing = subprocess.run([sys.executable, "-c", "import torch, ncsn; ncsn.ncsn_loss(ncsn.MLPScoreNet(2), "
+                              "torch.randn(4, 2), [1.0, 0.5], objective='ssm')"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert "No module named 'sliced'" in missing.stderr  # what the ssm objective needs, named when it is missing
