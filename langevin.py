@@ -13,8 +13,10 @@ above at each noise level sigma_1 > ... > sigma_L of a noise-conditional score s
 with step alpha_i = step_size * sigma_i^2 / sigma_L^2, then [Song & Ermon 2020] one denoising step
 x + sigma_L^2 s(x, sigma_L) (Tweedie's formula: E[x_0 | x] for x = x_0 + sigma_L z).
 
-`python langevin.py` redraws Figure 3 of [Song & Ermon 2019] (§7) with the exact score of
-p = 1/5 N((-5, -5), I) + 4/5 N((5, 5), I): Langevin keeps the wrong mode weights, annealed Langevin recovers them.
+`python langevin.py` redraws Figure 3 of [Song & Ermon 2019] (§7) with the exact scores of
+p = 1/5 N((-5, -5), I) + 4/5 N((5, 5), I) and of the authors' annealed versions of it (the mixture whose modes have
+standard deviation sigma, for sigma = 20 -> 1): Langevin keeps the wrong mode weights, annealed Langevin recovers
+them, with unit-variance modes. It prints each panel's mode weights and per-mode variances.
 """
 import math
 
@@ -127,39 +129,60 @@ def annealed_langevin_dynamics(score_fn, x, sigmas, step_size, n_steps_each, den
     return x
 
 
-# ---- Figure 3 of Song & Ermon (2019): the two-mode mixture of notes §7 ---------------------------------------
+# ---- Figure 3 of Song & Ermon (2019): the mixture `gmm` of notes §7 ----------------------------------------------
 
-_MEANS = ((-5.0, -5.0), (5.0, 5.0))
-_WEIGHTS = (0.2, 0.8)
+_GMM_MEANS = ((-5.0, -5.0), (5.0, 5.0))
+_GMM_WEIGHTS = (0.2, 0.8)
 
 
-def _two_modes_score(x, sigma=0.0):
-    """Exact score of q_sigma = 1/5 N((-5,-5), (1 + sigma^2) I) + 4/5 N((5,5), (1 + sigma^2) I); sigma = 0 is p.
+def _gmm_score(x, sigma=1.0):
+    """Exact score of the NCSN authors' annealed mixture at level sigma, 1/5 N((-5,-5), sigma^2 I) + 4/5 N((5,5),
+    sigma^2 I) (their models/gmm.py, GMMDistAnneal): level sigma = 1 is p itself.
 
-    x: (B, 2); sigma: a float or a (B,) tensor. With the modes' shared variance v = 1 + sigma^2,
-    grad log q = (sum_k r_k(x) mu_k - x) / v, where the responsibilities r_k = softmax_k(log w_k - |x - mu_k|^2 / 2v)
-    drop the |x|^2 common to every mode and are normalised through logsumexp, so that points far from both modes
-    (where every N_k(x) underflows) still get a finite score.
+    For sigma >= 1 this level is p * N(0, (sigma^2 - 1) I), so the authors' levels 20 -> 1 are the noise levels
+    sqrt(sigma^2 - 1) of notes §8, ending at 0. x: (B, 2); sigma: a float or a (B,) tensor. With the modes' shared
+    variance v = sigma^2, grad log q = (sum_k r_k(x) mu_k - x) / v, where the responsibilities
+    r_k = softmax_k(log w_k - |x - mu_k|^2 / 2v) drop the |x|^2 common to every mode and are normalised through
+    logsumexp, so that points far from both modes (where every N_k(x) underflows) still get a finite score.
     """
-    means = torch.tensor(_MEANS, dtype=x.dtype, device=x.device)  # (K, 2)
-    log_weights = torch.tensor(_WEIGHTS, dtype=x.dtype, device=x.device).log()  # (K,)
-    var = (1 + torch.as_tensor(sigma, dtype=x.dtype, device=x.device) ** 2).reshape(-1, 1)  # (B, 1) or (1, 1)
+    means = torch.tensor(_GMM_MEANS, dtype=x.dtype, device=x.device)  # (K, 2)
+    log_weights = torch.tensor(_GMM_WEIGHTS, dtype=x.dtype, device=x.device).log()  # (K,)
+    var = (torch.as_tensor(sigma, dtype=x.dtype, device=x.device) ** 2).reshape(-1, 1)  # (B, 1) or (1, 1)
     logits = log_weights + (x @ means.T - means.pow(2).sum(1) / 2) / var  # (B, K)
     resp = (logits - logits.logsumexp(dim=1, keepdim=True)).exp()  # (B, K)
     return (resp @ means - x) / var  # (B, 2)
 
 
-def _two_modes_sample(n, generator):
+def _gmm_sample(n, generator):
     """n exact samples of p: the mode by its weight, then unit Gaussian noise around it."""
-    means = torch.tensor(_MEANS)
-    k = torch.multinomial(torch.tensor(_WEIGHTS), n, replacement=True, generator=generator)  # (n,)
+    means = torch.tensor(_GMM_MEANS)
+    k = torch.multinomial(torch.tensor(_GMM_WEIGHTS), n, replacement=True, generator=generator)  # (n,)
     return means[k] + torch.randn(n, 2, generator=generator)  # (n, 2)
 
 
-def _mode_weights(x):
-    """Fractions of samples nearer (-5,-5) and nearer (5,5), split by the sign of x1 + x2."""
-    n_low = (x.sum(1) < 0).sum().item()
-    return n_low / len(x), 1 - n_low / len(x)
+def _mode_statistics(x):
+    """Each mode's weight and the variance of each coordinate within it; a sample belongs to (-5,-5) when
+    x1 + x2 < 0, else to (5,5). Returns [(weight, (var_x1, var_x2)), ...] in the order of _GMM_MEANS."""
+    low = x.sum(1) < 0  # (n,)
+    return [(float(members.float().mean()), tuple(x[members].var(0).tolist()) if members.sum() > 1 else (math.nan,) * 2)
+            for members in (low, ~low)]
+
+
+def figure3(n_samples=2000, seed=0):
+    """The three panels of Figure 3 with the authors' toy settings (runners/toy_runner.py), in the notes' step
+    convention, which is also theirs here: (a) exact samples of p; (b) Langevin dynamics, 1000 steps of 0.1 with p's
+    score; (c) annealed Langevin dynamics over their levels 20 -> 1 (L = 10, T = 100, step_size 0.1, so alpha_L =
+    0.1), whose last level is p itself. Both chains start uniform on [-8, 8]^2; neither takes a denoising step,
+    as in the figure. Returns {title: (n_samples, 2) samples}."""
+    sigmas = torch.logspace(math.log10(20.0), 0.0, 10).tolist()
+    n_steps_each, step_size = 100, 0.1
+    g = torch.Generator().manual_seed(seed)
+    exact = _gmm_sample(n_samples, g)
+    start = torch.rand(n_samples, 2, generator=g) * 16 - 8  # uniform on [-8, 8]^2
+    langevin = langevin_dynamics(_gmm_score, start, step_size, len(sigmas) * n_steps_each, generator=g)
+    annealed = annealed_langevin_dynamics(_gmm_score, start, sigmas, step_size, n_steps_each, denoise=False,
+                                          generator=g)
+    return {"(a) exact samples": exact, "(b) Langevin dynamics": langevin, "(c) annealed Langevin dynamics": annealed}
 
 
 def main():
@@ -172,41 +195,33 @@ def main():
 
     parser = argparse.ArgumentParser(description="Redraw Figure 3 of Song & Ermon (2019) with exact scores.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default="figures/two_modes.png", help="where to save the PNG")
-    parser.add_argument("--n-samples", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="figures/gmm_figure3.png", help="where to save the PNG")
+    parser.add_argument("--n-samples", type=int, default=2000, help="samples per panel")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples, the start and the chains")
     args = parser.parse_args()
+    if args.n_samples < 2:
+        parser.error(f"--n-samples must be >= 2, got {args.n_samples}")
 
-    # The paper's toy settings: sigmas geometric 20 -> 1, L = 10, T = 100, step_size 0.1 (notes, reference table).
-    sigmas = torch.logspace(math.log10(20.0), 0.0, 10).tolist()
-    n_steps_each, step_size = 100, 0.1
-    g = torch.Generator().manual_seed(args.seed)
-    exact = _two_modes_sample(args.n_samples, g)
-    start = torch.rand(args.n_samples, 2, generator=g) * 16 - 8  # uniform on [-8, 8]^2
-    # Plain Langevin with as many steps, at the step the annealed chain ends with (fine for the unit-variance modes).
-    langevin = langevin_dynamics(_two_modes_score, start, step_size, len(sigmas) * n_steps_each, generator=g)
-    # No final denoising here: Figure 3 shows the Langevin chains themselves (Tweedie would shrink each mode).
-    annealed = annealed_langevin_dynamics(_two_modes_score, start, sigmas, step_size, n_steps_each,
-                                          denoise=False, generator=g)
-
-    panels = [("(a) exact samples", exact), ("(b) Langevin dynamics", langevin),
-              ("(c) annealed Langevin dynamics", annealed)]
-    # (c) ends by sampling q_sigma at sigma_L = 1, whose modes have variance 1 + 1 = 2: wider than (a), as it should.
-    print(f"mode weights: fraction of {args.n_samples} samples near (-5,-5) / near (5,5), "
-          f"by the sign of x1 + x2; target {_WEIGHTS[0]:.3f} / {_WEIGHTS[1]:.3f}")
+    panels = figure3(args.n_samples, args.seed)
+    print(f"{args.n_samples} samples per panel; a sample belongs to the mode (-5,-5) when x1 + x2 < 0, else to (5,5)")
+    print(f"  {'':32s} {'weights':>15s}   {'variance of x1, x2 in each mode':>34s}")
+    print(f"  {'target':32s} {_GMM_WEIGHTS[0]:.3f} / {_GMM_WEIGHTS[1]:.3f}   "
+          f"{'(1.000, 1.000) / (1.000, 1.000)':>34s}")
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), sharex=True, sharey=True)
-    for ax, (title, x) in zip(axes, panels):
-        low, high = _mode_weights(x)
-        print(f"  {title:32s} {low:.4f} / {high:.4f}")
+    for ax, (title, x) in zip(axes, panels.items()):
+        (w_low, var_low), (w_high, var_high) = _mode_statistics(x)
+        variances = " / ".join(f"({a:.3f}, {b:.3f})" for a, b in (var_low, var_high))
+        print(f"  {title:32s} {w_low:.3f} / {w_high:.3f}   {variances:>34s}")
         ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5, color="tab:blue", linewidths=0)
-        ax.set_title(f"{title}\nweights {low:.2f} / {high:.2f}", fontsize=11)
+        ax.set_title(f"{title}\nweights {w_low:.2f} / {w_high:.2f}", fontsize=11)
         ax.set_xlim(-10, 10)
         ax.set_ylim(-10, 10)
         ax.set_xticks(range(-10, 11, 5))
         ax.set_yticks(range(-10, 11, 5))
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
-    fig.suptitle("p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I), exact scores", fontsize=12)
+    fig.suptitle("p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I), exact scores; (c) with the authors' levels 20 -> 1",
+                 fontsize=12)
     fig.tight_layout()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     fig.savefig(args.out, dpi=120)

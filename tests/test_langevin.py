@@ -1,5 +1,5 @@
 """Tests for langevin.py (notes §6, §7, §9): closed forms of Langevin dynamics on Gaussians, mode weights of the
-two-mode mixture, Tweedie's denoising step, and the samplers' contract (seeds, shapes, callbacks, bad input)."""
+two-mode mixture `gmm` and Figure 3, Tweedie's denoising step, and the samplers' contract (seeds, shapes, callbacks, bad input)."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from langevin import _two_modes_score, annealed_langevin_dynamics, langevin_dynamics
+from langevin import _gmm_score, _mode_statistics, annealed_langevin_dynamics, figure3, langevin_dynamics
 
 f64 = torch.float64
 
@@ -119,27 +119,38 @@ def test_annealed_langevin_matches_closed_form_on_gaussian(s, mu, start, sigmas,
     assert abs(x.var().item() - var) <= 5 * var * math.sqrt(2 / (n - 1)) + 1e-9
 
 
-def _mixture_log_density(x, sigma):
-    """log q_sigma(x) up to a constant, for 1/5 N((-5,-5), (1 + sigma^2) I) + 4/5 N((5,5), (1 + sigma^2) I)."""
+def _gmm_log_density(x, sigma):
+    """log q(x) up to a constant, for the authors' annealed level 1/5 N((-5,-5), sigma^2 I) + 4/5 N((5,5), sigma^2 I)."""
     means = torch.tensor([[-5.0, -5.0], [5.0, 5.0]], dtype=x.dtype)
-    var = 1 + _expand_like(sigma, x) ** 2  # (B, 1)
+    var = _expand_like(sigma, x) ** 2  # (B, 1)
     log_n = -((x[:, None, :] - means) ** 2).sum(-1) / (2 * var) - torch.log(var)  # (B, 2); 2-D Gaussian log-density
     return torch.logsumexp(log_n + torch.tensor([0.2, 0.8], dtype=x.dtype).log(), dim=1)  # (B,)
 
 
-def _mixture_score(x, sigma):
-    """grad_x log q_sigma(x) by autograd, independent of any closed form."""
+def _gmm_autograd_score(x, sigma):
+    """grad_x log q(x) by autograd, independent of any closed form."""
     with torch.enable_grad():
         y = x.detach().clone().requires_grad_()
-        return torch.autograd.grad(_mixture_log_density(y, sigma).sum(), y)[0]
+        return torch.autograd.grad(_gmm_log_density(y, sigma).sum(), y)[0]
 
 
-def test_figure_score_is_the_gradient_of_the_mixture_log_density():
+def test_figure_score_is_the_gradient_of_the_gmm_log_density():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(512, 2, generator=g, dtype=f64) * 8  # near both modes, between them, and far out
-    sigma = torch.rand(512, generator=g, dtype=f64) * 20
-    torch.testing.assert_close(_two_modes_score(x, sigma), _mixture_score(x, sigma))
-    torch.testing.assert_close(_two_modes_score(x), _mixture_score(x, torch.zeros(512, dtype=f64)))
+    sigma = 0.5 + torch.rand(512, generator=g, dtype=f64) * 20
+    torch.testing.assert_close(_gmm_score(x, sigma), _gmm_autograd_score(x, sigma))
+    torch.testing.assert_close(_gmm_score(x), _gmm_autograd_score(x, torch.ones(512, dtype=f64)))  # level 1 is p
+
+
+def test_authors_level_is_the_data_convolved_with_noise():
+    """The authors' level sigma >= 1 is p * N(0, (sigma^2 - 1) I): its score is data.py's noisy score of p at the
+    noise level sqrt(sigma^2 - 1) (a closed form written independently, for notes §8's q_sigma)."""
+    from data import gmm_noisy_score
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(256, 2, generator=g, dtype=f64) * 8
+    sigma = 1 + torch.rand(256, generator=g, dtype=f64) * 19
+    torch.testing.assert_close(_gmm_score(x, sigma), gmm_noisy_score(x, (sigma ** 2 - 1).sqrt()))
 
 
 def test_annealed_langevin_recovers_mode_weights_and_langevin_does_not():
@@ -151,13 +162,32 @@ def test_annealed_langevin_recovers_mode_weights_and_langevin_does_not():
     g = torch.Generator().manual_seed(5)
     x0 = torch.rand(n, 2, generator=g) * 16 - 8  # uniform on [-8, 8]^2
     sigmas = torch.logspace(math.log10(20.0), 0.0, 10)  # the paper's toy levels, 20 -> 1
-    annealed = annealed_langevin_dynamics(_two_modes_score, x0, sigmas, step_size, n_steps_each, denoise=False,
+    annealed = annealed_langevin_dynamics(_gmm_score, x0, sigmas, step_size, n_steps_each, denoise=False,
                                           generator=g)
     # The same number of score evaluations, at the step annealing ends with.
-    plain = langevin_dynamics(_two_modes_score, x0, step_size, len(sigmas) * n_steps_each, generator=g)
+    plain = langevin_dynamics(_gmm_score, x0, step_size, len(sigmas) * n_steps_each, generator=g)
     weight, se = 0.2, math.sqrt(0.2 * 0.8 / n)  # binomial standard error of the fraction in the small mode
     assert abs((annealed.sum(1) < 0).float().mean().item() - weight) < 5 * se
     assert (plain.sum(1) < 0).float().mean().item() - weight > 5 * se
+
+
+def test_figure3_panel_c_has_the_weights_and_unit_variance_modes():
+    """`python langevin.py`'s panels, seeded as it is: (c) at weights 0.2 / 0.8 within 0.03 and every per-mode
+    coordinate variance 1 within 0.1 (its last level is p itself, and ULA at step 0.1 on a unit Gaussian has variance
+    1 / (1 - 0.1/4) = 1.026). (a) is exact and (b) samples p's modes too: their variances are 1.026 or 1 within five
+    standard errors of a sample variance, sqrt(2 / (n_k - 1)); (b) keeps the even split of its uniform start."""
+    panels = figure3(n_samples=2000, seed=0)
+    for title, x in panels.items():
+        (w_low, var_low), (w_high, var_high) = _mode_statistics(x)
+        assert abs(w_low + w_high - 1) < 1e-6
+        n_low = round(w_low * len(x))
+        for n_k, variances in ((n_low, var_low), (len(x) - n_low, var_high)):
+            tolerance = 0.1 if title.startswith("(c)") else 0.026 + 5 * math.sqrt(2 / (n_k - 1))
+            assert all(abs(v - 1) < tolerance for v in variances), (title, variances)
+        if title.startswith("(b)"):
+            assert w_low - 0.2 > 5 * math.sqrt(0.2 * 0.8 / len(x)), title
+        else:
+            assert abs(w_low - 0.2) < 0.03 and abs(w_high - 0.8) < 0.03, (title, w_low, w_high)
 
 
 # ---- Tweedie's denoising step (Song & Ermon 2020) -------------------------------------------------------------
