@@ -12,8 +12,11 @@
 - GMM: notes §7's mixture p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I) of [Song & Ermon 2019, Fig. 3], with the exact
   score of its noised version q_sigma (notes §8) so that learned scores can be compared with the truth.
 - Swiss roll: sklearn's `make_swiss_roll` in its (x, z) plane, divided by 5: t = 1.5 pi (1 + 2u), u ~ U(0, 1),
-  x = (t cos t, t sin t) / 5 + noise * z, so the noiseless roll lies at radius |x| = t / 5 in [0.3 pi, 0.9 pi]
-  (about [0.94, 2.83]) and every point in [-2.83, 2.83]^2 up to the noise (std 0.1 by default).
+  x = (t cos t, t sin t) / 5 + std * z, so the noiseless roll lies at radius |x| = t / 5 in [0.3 pi, 0.9 pi]
+  (about [0.94, 2.83]) and every point in [-2.83, 2.83]^2 up to the jitter (std 0.1 by default).
+
+`toy_quality` says how good samples of the 2-D sets are: the MMD to fresh points; for the GMM also the mode
+weights and the exact Fisher divergence of a score to the true noisy score.
 
 Downloads stream to `<name>.part`, are md5-checked, and only then renamed, so a final name is always a whole,
 verified file. Every problem a user can fix (no network, md5 mismatch, unsafe or corrupt file) raises
@@ -291,13 +294,49 @@ def gmm_noisy_score(x, sigma):
     return (resp.unsqueeze(-1) * diff / var).sum(1)  # (B, 2)
 
 
-def sample_swissroll(n, generator=None, device=None, noise=0.1, dtype=torch.float32):
-    """Swiss roll (n, 2): t = 1.5 pi (1 + 2u), x = (t cos t, t sin t) / 5 + noise * z (sklearn's, in its x-z plane)."""
+def sample_swissroll(n, generator=None, device=None, std=0.1, dtype=torch.float32):
+    """Swiss roll (n, 2): t = 1.5 pi (1 + 2u), x = (t cos t, t sin t) / 5 + std * z (sklearn's, in its x-z plane)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     device = _toy_device(device, generator)
     t = 1.5 * math.pi * (1 + 2 * torch.rand(n, device=device, dtype=dtype, generator=generator))  # (n,)
     x = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1) / 5  # (n, 2)
-    if noise:
-        x = x + noise * torch.randn(n, 2, device=device, dtype=dtype, generator=generator)
+    if std:
+        x = x + std * torch.randn(n, 2, device=device, dtype=dtype, generator=generator)
     return x
+
+
+TOY_SETS = {"gmm": sample_gmm, "swissroll": sample_swissroll}
+
+
+# ---- How good samples of a 2-D set are -------------------------------------------------------------------------
+
+def mmd(a, b, bandwidths=(0.1, 0.3, 1.0, 3.0)):
+    """Unbiased MMD^2 between two sample sets (n, D) and (m, D) with a sum of Gaussian kernels [Gretton et al. 2012]."""
+    def kernel(u, v):
+        d2 = torch.cdist(u, v).square()  # (n, m)
+        return sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)
+
+    n, m = len(a), len(b)
+    kaa, kbb = kernel(a, a), kernel(b, b)
+    return float((kaa.sum() - kaa.diagonal().sum()) / (n * (n - 1)) + (kbb.sum() - kbb.diagonal().sum()) / (m * (m - 1))
+                 - 2 * kernel(a, b).mean())
+
+
+@torch.no_grad()
+def toy_quality(dataset, samples, generator, score_fn=None, sigmas=()):
+    """Numbers that say how good samples (n, 2) of a 2-D set are: the MMD to as many fresh points (NaN if a chain
+    diverged); for gmm also the weight of each mode (by the sign of x1 + x2), the fraction of diverged chains, and,
+    given score_fn(x, sigma), its exact Fisher divergence 1/2 E|s(x, sigma) - grad log q_sigma(x)|^2 at each sigma."""
+    fresh = TOY_SETS[dataset](len(samples), generator=generator, device=samples.device)  # (n, 2)
+    quality = {"mmd": mmd(samples.float(), fresh)}
+    if dataset == "gmm":
+        side = samples.sum(1)  # < 0 near (-5,-5), > 0 near (5,5); NaN where a chain diverged
+        quality["mode_weights"] = [float((side < 0).float().mean()), float((side >= 0).float().mean())]
+        quality["diverged"] = float(side.isnan().float().mean())
+        for sigma in sigmas if score_fn is not None else ():
+            x = fresh + sigma * torch.randn(fresh.shape, generator=generator, device=fresh.device)  # x~ ~ q_sigma
+            s = torch.full((len(x),), sigma, device=x.device)  # (n,)
+            fisher = 0.5 * (score_fn(x, s).float() - gmm_noisy_score(x, s)).square().sum(1).mean()
+            quality[f"fisher@{sigma:.3g}"] = float(fisher)
+    return quality

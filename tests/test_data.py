@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from data import (GMM_MEANS, GMM_STD, GMM_WEIGHTS, ImageData, DataError, gmm_noisy_score, load_cifar10, load_mnist,
-                  sample_gmm, sample_swissroll)
+                  mmd, sample_gmm, sample_swissroll, toy_quality)
 
 PIXEL = (5, 7)  # (row, col) of a planted pixel with distinct R, G, B; row != col catches a transposed layout
 RGB = (200, 100, 50)
@@ -389,16 +389,48 @@ def test_toy_samplers_reject_bad_input():
 
 def test_sample_swissroll_lies_on_the_documented_roll():
     n = 50_000
-    clean = sample_swissroll(n, generator=torch.Generator().manual_seed(0), noise=0.0, dtype=torch.float64)
+    clean = sample_swissroll(n, generator=torch.Generator().manual_seed(0), std=0.0, dtype=torch.float64)
     r = clean.norm(dim=1)  # = t / 5
     torch.testing.assert_close(clean, r.unsqueeze(1) * torch.stack([torch.cos(5 * r), torch.sin(5 * r)], 1))
     assert r.min() >= 0.3 * math.pi - 1e-12 and r.max() <= 0.9 * math.pi + 1e-12
     assert abs(r.mean() - 0.6 * math.pi) < 5 * r.std() / math.sqrt(n)  # t is uniform on [1.5 pi, 4.5 pi]
-    # The same draws with the default noise: the difference is N(0, 0.1^2 I).
+    # The same draws with the default jitter, std 0.1: the difference is N(0, 0.1^2 I).
     noisy = sample_swissroll(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     diff = noisy - clean
     assert (diff.mean(0).abs() < 5 * 0.1 / math.sqrt(n)).all()
     assert ((diff.std(0) - 0.1).abs() < 5 * 0.1 / math.sqrt(2 * n)).all()
     x = sample_swissroll(n, generator=torch.Generator().manual_seed(1))
     assert x.shape == (n, 2) and x.dtype == torch.float32 and torch.isfinite(x).all()
-    assert x.abs().max() <= 0.9 * math.pi + 6 * 0.1  # the documented square, up to six noise deviations
+    assert x.abs().max() <= 0.9 * math.pi + 6 * 0.1  # the documented square, up to six jitter deviations
+
+
+# ---------------------------------------------------------------- how good 2-D samples are
+
+def test_mmd_is_unbiased_between_equal_laws_and_separates_different_ones():
+    """The unbiased MMD^2 has mean 0 when both sets come from one law (within 5 standard errors over 30 pairs) and is
+    far above that when one set is shifted by half a standard deviation."""
+    g = torch.Generator().manual_seed(0)
+    same = torch.tensor([mmd(sample_gmm(300, g), sample_gmm(300, g)) for _ in range(30)])
+    se = same.std() / math.sqrt(len(same))
+    assert abs(same.mean()) < 5 * se
+    shifted = torch.tensor([mmd(sample_gmm(300, g), sample_gmm(300, g) + 0.5) for _ in range(5)])
+    assert shifted.min() > same.mean() + 5 * same.std()
+
+
+def test_toy_quality_of_exact_samples_and_scores():
+    """Exact samples give the mode weights 0.2 / 0.8 within 5 binomial standard errors and nothing diverged; the
+    exact noisy score has Fisher divergence 0, a score off by a constant c has exactly 1/2 |c|^2; a NaN chain counts
+    as diverged; the swiss roll has only the MMD."""
+    g = torch.Generator().manual_seed(1)
+    n = 2000
+    x = sample_gmm(n, g)
+    quality = toy_quality("gmm", x, g, score_fn=gmm_noisy_score, sigmas=(20.0, 1.0, 0.01))
+    assert abs(quality["mode_weights"][0] - 0.2) < 5 * math.sqrt(0.2 * 0.8 / n)
+    assert quality["diverged"] == 0 and quality["mmd"] < 0.01
+    assert quality["fisher@20"] == quality["fisher@1"] == quality["fisher@0.01"] == 0
+    c = torch.tensor([0.3, -0.4])
+    off = toy_quality("gmm", x, g, score_fn=lambda y, s: gmm_noisy_score(y, s) + c, sigmas=(1.0,))
+    assert off["fisher@1"] == pytest.approx(0.5 * 0.25, rel=1e-5)
+    x[:10] = float("nan")
+    assert toy_quality("gmm", x, g)["diverged"] == pytest.approx(10 / n)
+    assert set(toy_quality("swissroll", sample_swissroll(500, g), g)) == {"mmd"}
