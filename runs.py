@@ -1,0 +1,137 @@
+"""A training run on disk: what train.py keeps in its --out-dir, and how train.py and sample.py read it back.
+
+    checkpoint.pt             {model, ema, optimizer, step, config, rng}, readable with torch.load(weights_only=True)
+    metrics.jsonl             one JSON object per line: the loss every --log-every steps, quality numbers, ...
+    samples/step_NNNNNNN.png  sample figures during training (a grid of images, or 2-D points over fresh data)
+    samples.npz, samples.png  sample.py's samples and their figure
+
+`config` holds everything needed to rebuild the network (config["architecture"]) and to sample from it (shape,
+data range, sigmas, n_steps_each, step_size). Every file is written atomically: to a temporary file beside it,
+flushed to disk, then renamed, so a crash leaves the previous version whole. Problems a user can fix (an unreadable
+or foreign checkpoint, a device that isn't there) raise RunError, whose message is one line.
+"""
+import json
+import math
+import os
+
+import torch
+from einops import rearrange
+
+import ncsn
+
+CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config", "rng"}
+CONFIG_KEYS = {"dataset", "shape", "data_range", "architecture", "sigmas", "objective", "n_steps_each", "step_size",
+               "lr", "batch_size", "ema_decay", "steps", "seed", "precision", "log_every", "ckpt_every",
+               "sample_every", "n_grid"}
+
+
+class RunError(Exception):
+    """Bad input, a broken file, a diverged run: the scripts print it as one line on stderr and exit with status 1."""
+
+
+def pick_device(name):
+    """--device: auto picks cuda, then mps, then cpu; or a name such as cpu, cuda, cuda:1, mps."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RunError(f"--device {name} was asked for but MPS is not available; use --device cpu")
+    return device
+
+
+def save_atomic(write, path):
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename: a crash leaves the old file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, device):
+    """The checkpoint dict at `path`, its tensors on `device`, read without running code (weights_only)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001  -- any unreadable file gets the same one-line answer
+        reason = " ".join(str(e).split())[:120] or "no message"
+        raise RunError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); it may be truncated or "
+                       "corrupt: move it away to start afresh, or point --out-dir elsewhere") from None
+    if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt) and isinstance(ckpt["config"], dict)
+            and CONFIG_KEYS <= set(ckpt["config"])):
+        raise RunError(f"{path} is not a checkpoint of train.py (it lacks some of {sorted(CHECKPOINT_KEYS)} or of "
+                       "their config); move it away to start afresh, or point --out-dir elsewhere")
+    return ckpt
+
+
+def build_model(config):
+    """The network that config["architecture"] describes: ncsn.NCSN for images, ncsn.MLPScoreNet for vectors."""
+    kwargs = dict(config["architecture"])
+    kind = kwargs.pop("kind")
+    if kind == "NCSN":
+        return ncsn.NCSN(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    return ncsn.MLPScoreNet(**kwargs)
+
+
+def is_image_run(config):
+    return len(config["shape"]) == 3  # (C, H, W); the 2-D sets have shape (2,)
+
+
+def draw_samples(model, config, n, generator, progress=False, batch_size=None):
+    """n samples (n, *shape) of the run's annealed Langevin sampler (notes §9), clamped to its data range."""
+    device = next(model.parameters()).device
+    return ncsn.sample(model, (n, *config["shape"]), torch.tensor(config["sigmas"], device=device),
+                       config["n_steps_each"], config["step_size"], generator=generator, progress=progress,
+                       data_range=tuple(config["data_range"]), batch_size=batch_size)
+
+
+def append_metrics(out_dir, record):
+    """One JSON line appended to <out_dir>/metrics.jsonl."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported when a figure is first saved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_grid(images, path):
+    """(N, C, H, W) in [0, 1] -> one PNG, a square-ish grid with 2-pixel gaps."""
+    plt = _pyplot()
+    n = images.shape[0]
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    padded = torch.ones(rows * cols, *images.shape[1:])
+    padded[:n] = images.float().cpu()
+    padded = torch.nn.functional.pad(padded, (1, 1, 1, 1), value=1.0)
+    grid = rearrange(padded, "(r c) ch h w -> (r h) (c w) ch", r=rows).clamp(0, 1).numpy()
+    save_atomic(lambda f: plt.imsave(f, grid.squeeze(-1) if grid.shape[-1] == 1 else grid, format="png",
+                                     cmap="gray"), path)
+
+
+def save_scatter(samples, reference, path, title):
+    """2-D samples (N, 2) over reference points (M, 2) of the data, as one PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(*reference.cpu().T, s=2, alpha=0.3, color="0.6", label="data")
+    ax.scatter(*samples.cpu().T, s=2, alpha=0.6, color="C0", label="samples")
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.legend(loc="upper left", markerscale=5)
+    save_atomic(lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"), path)
+    plt.close(fig)
