@@ -20,6 +20,7 @@ Machines are noisy, so every comparison is a ratio of interleaved measurements (
 same run. Timings use time.perf_counter, with the device synchronised around each timed call on CUDA.
 """
 import argparse
+import contextlib
 import ctypes
 import json
 import math
@@ -40,7 +41,8 @@ from langevin import annealed_langevin_dynamics
 from score_matching import score_matching_loss
 from sliced import sliced_score_matching_loss
 
-# train.py's presets (notes' reference table), copied because nothing imports train.py.
+# train.py's presets (notes' reference table), copied because nothing imports train.py (tests/test_bench.py checks
+# that they agree).
 # NCSNv2 CIFAR-10: sigmas 50 -> 0.01 in L = 232 levels, T = 5 steps each, final denoising step; their step 6.2e-6
 # (for x + eps s + sqrt(2 eps) z) is 1.24e-5 in the notes' §9 update x + eps/2 s + sqrt(eps) z used here.
 CIFAR10 = dict(sigma_max=50.0, sigma_min=0.01, n_sigmas=232, n_steps_each=5, step_size=1.24e-5, batch_size=128)
@@ -139,12 +141,13 @@ def _training_step(model, loss_fn):
     return step
 
 
-def _autocast(device, precision):
-    """bf16 autocast for the network's forward pass (as train.py does), or nothing for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+def autocast(device, precision):
+    """bf16 autocast for the network's forward pass; the loss and the EMA stay in fp32 (as train.py's)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
-def _one_line(error):
+def _error_summary(error):
+    """An exception as "Type: first line of its message", for a table cell."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0][:160] if lines else ''}"
 
@@ -346,12 +349,12 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None):
     generator = torch.Generator(device).manual_seed(0)
 
     def training_step(net, precision):
-        def score(y, sigma):  # as train.py: autocast around the network only, the loss in fp32
-            with _autocast(device, precision):
+        def score_fn(y, sigma):  # as train.py: autocast around the network only, the loss in fp32
+            with autocast(device, precision):
                 return net(y, sigma).float()
 
         def step():
-            loss = ncsn.ncsn_loss(score, x, sigmas, generator=generator)
+            loss = ncsn.ncsn_loss(score_fn, x, sigmas, generator=generator)
             loss.backward()
             model.zero_grad(set_to_none=True)  # forward + backward; no optimiser step
 
@@ -370,7 +373,7 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None):
         try:
             memory[name] = _measure_peak_memory(steps[name], device)
         except Exception as error:  # torch.compile's failures are many and varied; report, don't crash
-            failed[name] = f"failed: {_one_line(error)}"
+            failed[name] = f"failed: {_error_summary(error)}"
             del steps[name]
     medians, rounds = interleaved_medians(steps, device, repeats=3 if quick else 5, warmup=0,
                                           budget_s=1.0 if quick else (20.0 if gpu else 15.0))
@@ -421,7 +424,7 @@ def bench_sampling(device, quick):
 
     def chain(precision, levels, steps_each):
         def run():
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 ncsn.sample(model, (batch, 3, 32, 32), sigmas[:levels], steps_each, CIFAR10["step_size"],
                             denoise=levels == len(sigmas), generator=generator)
         return run
