@@ -340,3 +340,9 @@ def toy_quality(dataset, samples, generator, score_fn=None, sigmas=()):
             fisher = 0.5 * (score_fn(x, s).float() - gmm_noisy_score(x, s)).square().sum(1).mean()
             quality[f"fisher@{sigma:.3g}"] = float(fisher)
     return quality
+
+
+def format_quality(quality):
+    """toy_quality's numbers as one line: "mmd 0.001, mode_weights [0.2, 0.8], ..."."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {[round(w, 3) for w in v]}"
+                     for k, v in quality.items())

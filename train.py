@@ -472,8 +472,7 @@ def write_samples(model, config, step, out_dir, generator):
     sigmas = config["sigmas"]
     quality = data.toy_quality(config["dataset"], samples, generator, score_fn=model,
                                sigmas=(sigmas[0], sigmas[len(sigmas) // 2], sigmas[-1]))
-    tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
-                                            f"{k} {[round(w, 3) for w in v]}" for k, v in quality.items()))
+    tqdm.write(f"step {step}: {data.format_quality(quality)}")
     runs.append_metrics(out_dir, dict(step=step, **quality))
 
 

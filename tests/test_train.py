@@ -160,6 +160,7 @@ def test_sample_py_in_a_log_prints_progress_lines_not_a_bar(tmp_path):
     run("--dataset", "gmm", "--out-dir", out, "--steps", 5, "--sample-every", 0, *FAST)
     result = sample("--out-dir", out, "-n", 10, "--device", "cpu")
     assert "\r" not in result.stderr
+    assert "10 samples against as many fresh points: mmd" in result.stdout and "mode_weights" in result.stdout
     lines = [line for line in result.stderr.splitlines() if line.startswith("sample:")]
     assert lines and lines[-1].startswith("sample: 100% 33/33"), result.stderr  # 8 levels x 4 steps + denoise
 
