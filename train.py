@@ -202,7 +202,7 @@ def resolve_config(args, identity, train_data, device, saved, is_main):
         if is_main:
             print(f"sigma_max: the largest distance between the {len(train_data)} training points (technique 1)")
         points = train_data.to(device).float() / 255 if images else train_data.to(device)
-        sigma_max = ncsn.max_pairwise_distance(points)
+        sigma_max = ncsn.max_pairwise_distance(points, progress=is_main)
     if not sigma_max > sigma_min:
         raise RunError(f"--sigma-max ({sigma_max:g}) must be larger than --sigma-min ({sigma_min:g})")
     if n_sigmas is None:  # technique 2
