@@ -216,7 +216,9 @@ def test_dsm_loss_of_the_exact_score_is_its_closed_form_minimum(dim, seed, sigma
     gap = 0.5 * (var[:, 0] * ((a_wrong - a) ** 2 * (lam + var) + a_wrong ** 2 * delta_eig ** 2).sum(1)).mean().item()
     diff, se_diff = _mean_and_se(wrong - loss)
     assert abs(diff - gap) < 5 * se_diff
-    assert diff > 5 * se_diff  # strictly worse than the true score, beyond the noise
+    assert gap > 0  # the true score is the strict minimiser
+    if gap > 10 * se_diff:  # and where the gap is well above the noise, the paired estimate shows it
+        assert diff > 5 * se_diff
 
 
 @pytest.mark.parametrize("objective", ["ssm", "exact"])
