@@ -88,12 +88,16 @@ def _download(urls, path, md5, progress):
             try:
                 with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
                     total = int(response.headers.get("Content-Length") or 0) or None
-                    disable = not progress or not sys.stderr.isatty()
+                    log = progress and not sys.stderr.isatty()  # a log file: a line at the start and at the end
+                    if log:
+                        print(f"downloading {url} ({(total or 0) / 2 ** 20:.1f} MiB) to {path}", file=sys.stderr)
                     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                              desc=os.path.basename(path), disable=disable) as bar:
+                              desc=os.path.basename(path), disable=not progress or log) as bar:
                         for chunk in iter(lambda: response.read(1 << 20), b""):
                             f.write(chunk)
                             bar.update(len(chunk))
+                    if log:
+                        print(f"downloaded {os.path.basename(path)}", file=sys.stderr, flush=True)
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as error:
                 failures.append(f"{url}: {_one_line(error)}")
                 continue

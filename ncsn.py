@@ -10,7 +10,8 @@ score-based generative models" (NCSNv2). In the order of the notes:
 - §10 NCSNv2's techniques:
   technique 1: sigma_1 = the largest distance between two training points        (max_pairwise_distance)
   technique 2: the ratio gamma of consecutive sigmas from the dimension D          (sigma_ratio, recommended_sigmas)
-  technique 3: s_theta(x, sigma) = net(x) / sigma                                  (NCSN, MLPScoreNet)
+  technique 3: s_theta(x, sigma) = net(x) / sigma                                  (NCSN(conditional=False))
+               (by default NCSN, and MLPScoreNet, also feed log sigma to net: net(x, log sigma) / sigma)
   technique 4: the step size that brings f(eps) of notes §10 closest to 1          (recommended_step_size)
   technique 5: an exponential moving average of the weights                        (EMA)
 - the networks: a U-Net with skip connections for images (NCSN), an MLP for 2-D toys (MLPScoreNet).
@@ -152,11 +153,11 @@ def _log_line(text):
 
 
 def progress_bar(total, desc, enabled=True, unit="eval", log_every_s=30.0):
-    """A tqdm bar on a terminal; where stderr is not one (a log file, a batch job), a plain line every log_every_s
-    seconds and one at the end, so that a log keeps the progress instead of a bar's carriage returns."""
+    """A tqdm bar on a terminal; where stderr is not one (a log file, a batch job), plain lines instead of a bar's
+    carriage returns: one at the start, one every log_every_s seconds, one at the end."""
     if not enabled or sys.stderr.isatty():
         return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False, unit=unit)
-    return tqdm(total=total, desc=desc, mininterval=log_every_s, unit=unit,
+    return tqdm(total=total, desc=desc, mininterval=log_every_s, maxinterval=log_every_s, unit=unit,
                 file=types.SimpleNamespace(write=_log_line, flush=lambda: None),
                 bar_format="{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
 
@@ -389,10 +390,9 @@ class Attention(nn.Module):
         return x + self.out(rearrange(h, "b heads (h w) d -> b (heads d) h w", h=x.shape[2]))
 
 
-def _level(blocks, attentions, resample):
-    """One resolution of the U-Net: residual blocks, each followed by its attention (or nothing), then a resampling
-    (or nothing at the ends of the path)."""
-    return nn.ModuleDict(dict(blocks=nn.ModuleList(blocks), attentions=nn.ModuleList(attentions), resample=resample))
+def _layer(block, attention):
+    """A residual block and the self-attention after it (nn.Identity where its level has none)."""
+    return nn.ModuleDict(dict(block=block, attention=attention))
 
 
 class NCSN(nn.Module):
@@ -433,31 +433,32 @@ class NCSN(nn.Module):
         def attention(level, c):
             return Attention(c) if sizes[level] in attn_resolutions else nn.Identity()
 
-        # Down path: the width after every block and every downsampling is kept, for the skip it leaves.
+        # Down path: a level is its layers (a block and its attention) and a strided conv; the width after every
+        # layer and every downsampling is kept, for the skip connection it leaves.
         self.down, skips, c = nn.ModuleList(), [channels], channels
         for level, mult in enumerate(channel_mults):
-            blocks = []
+            layers = nn.ModuleList()
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(c, channels * mult, dropout, embed_dim))
-                c = channels * mult
+                block, c = ResBlock(c, channels * mult, dropout, embed_dim), channels * mult
+                layers.append(_layer(block, attention(level, c)))
                 skips.append(c)
             last = level == self.n_down
             if not last:
                 skips.append(c)
             downsample = nn.Identity() if last else nn.Conv2d(c, c, 3, stride=2, padding=1)  # (B, C, H/2, W/2)
-            self.down.append(_level(blocks, [attention(level, c) for _ in blocks], downsample))
+            self.down.append(nn.ModuleDict(dict(layers=layers, resample=downsample)))
         self.mid_block1, self.mid_attention = ResBlock(c, c, dropout, embed_dim), Attention(c)
         self.mid_block2 = ResBlock(c, c, dropout, embed_dim)
-        # Up path: one block more per level than on the way down, each eating one skip.
+        # Up path: one layer more per level than on the way down, each eating one skip; then nearest + conv.
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
-            blocks = []
+            layers = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(c + skips.pop(), channels * mult, dropout, embed_dim))
-                c = channels * mult
+                block, c = ResBlock(c + skips.pop(), channels * mult, dropout, embed_dim), channels * mult
+                layers.append(_layer(block, attention(level, c)))
             upsample = nn.Identity() if level == 0 else nn.Sequential(
                 nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))  # (B, C, 2H, 2W)
-            self.up.append(_level(blocks, [attention(level, c) for _ in blocks], upsample))
+            self.up.append(nn.ModuleDict(dict(layers=layers, resample=upsample)))
         self.norm_out, self.conv_out = _norm(c), _zero(nn.Conv2d(c, in_channels, 3, padding=1))
 
     def forward(self, x, sigma):
@@ -476,16 +477,16 @@ class NCSN(nn.Module):
         h = self.conv_in(x)  # (B, channels, H, W)
         skips = [h]
         for i, level in enumerate(self.down):
-            for block, attention in zip(level["blocks"], level["attentions"]):
-                h = attention(block(h, emb))
+            for layer in level["layers"]:
+                h = layer["attention"](layer["block"](h, emb))
                 skips.append(h)
             if i < self.n_down:
                 h = level["resample"](h)
                 skips.append(h)
         h = self.mid_block2(self.mid_attention(self.mid_block1(h, emb)), emb)
         for level in self.up:
-            for block, attention in zip(level["blocks"], level["attentions"]):
-                h = attention(block(torch.cat([h, skips.pop()], dim=1), emb))
+            for layer in level["layers"]:
+                h = layer["attention"](layer["block"](torch.cat([h, skips.pop()], dim=1), emb))
             h = level["resample"](h)  # the identity at the top level
         h = self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
         return h / _expand_like(sigma, h)

@@ -6,8 +6,9 @@
     samples.npz, samples.png  sample.py's samples and their figure
 
 `config` holds everything needed to rebuild the network (config["architecture"]) and to sample from it (shape,
-data range, sigmas, n_steps_each, step_size). Every file is written atomically: to a temporary file beside it,
-flushed to disk, then renamed, so a crash leaves the previous version whole. Problems a user can fix (an unreadable
+data range, sigmas, n_steps_each, step_size). Every file but metrics.jsonl (appended to, a line at a time) is written
+atomically: to a temporary file beside it, flushed to disk, then renamed, so a crash leaves the previous version
+whole. Problems a user can fix (an unreadable
 or foreign checkpoint, a device that isn't there) raise RunError, whose message is one line.
 """
 import json
@@ -30,7 +31,8 @@ class RunError(Exception):
 
 
 def pick_device(name):
-    """--device: auto picks cuda, then mps, then cpu; or a name such as cpu, cuda, cuda:1, mps."""
+    """--device: auto picks cuda, then mps, then cpu; or a name such as cpu, cuda, cuda:1, mps. On CUDA it also turns
+    on TF32 matmuls and convolutions and cuDNN's autotuning: free speed on Ampere and newer."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -41,6 +43,10 @@ def pick_device(name):
         raise RunError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise RunError(f"--device {name} was asked for but MPS is not available; use --device cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     return device
 
 
@@ -66,10 +72,34 @@ def load_checkpoint(path, device):
         reason = " ".join(str(e).split())[:120] or "no message"
         raise RunError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); it may be truncated or "
                        "corrupt: move it away to start afresh, or point --out-dir elsewhere") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and "architecture" not in ckpt["config"]:
+        ckpt = _upgrade(ckpt)
     if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt) and isinstance(ckpt["config"], dict)
             and CONFIG_KEYS <= set(ckpt["config"])):
         raise RunError(f"{path} is not a checkpoint of train.py (it lacks some of {sorted(CHECKPOINT_KEYS)} or of "
                        "their config); move it away to start afresh, or point --out-dir elsewhere")
+    with torch.device("meta"):  # shapes only: no memory, no arithmetic
+        expected = {name: t.shape for name, t in build_model(ckpt["config"]).state_dict().items()}
+    for key in ("model", "ema"):
+        if {name: t.shape for name, t in ckpt[key].items()} != expected:
+            raise RunError(f"{path}: its {key} weights do not fit the network its config describes; it is corrupt "
+                           "or was edited: move it away to start afresh, or point --out-dir elsewhere")
+    return ckpt
+
+
+def _upgrade(ckpt):
+    """A checkpoint of an earlier train.py: its config named the network's settings "model", and its U-Net named the
+    same parameters, in the same order, differently (a flat list of blocks with attention inside). Renamed in place
+    by position, so that old runs resume exactly and sample."""
+    config = ckpt["config"]
+    if not isinstance(config.get("model"), dict) or not {"model", "ema"} <= set(ckpt):
+        return ckpt
+    config["architecture"] = config.pop("model")
+    with torch.device("meta"):
+        names = list(build_model(config).state_dict())
+    for key in ("model", "ema"):
+        if len(ckpt[key]) == len(names):
+            ckpt[key] = dict(zip(names, ckpt[key].values()))
     return ckpt
 
 

@@ -6,7 +6,8 @@
 
 The network, the noise levels, the number of steps per level, the step size and the data range all come from the
 checkpoint's config, as train.py wrote it; the weights are the exponential moving average (NCSNv2 technique 5).
-Samples are clamped to the data range and saved as uint8 images (x * 255, rounded), the format FID tools read.
+Samples are clamped to the data range; images are saved as uint8 (x * 255, rounded), the format FID tools read,
+and 2-D points as float32.
 """
 import argparse
 import os
@@ -53,6 +54,8 @@ def sample(args):
     if not os.path.isfile(ckpt_path):
         raise RunError(f"no checkpoint at {ckpt_path}; train first (python train.py --out-dir ...), or point "
                        "--out-dir or --checkpoint at one")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise RunError("sample.py runs in one process; start it with python, not torchrun")
     device = runs.pick_device(args.device)
     ckpt = runs.load_checkpoint(ckpt_path, device)
     config = ckpt["config"]

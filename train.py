@@ -115,9 +115,11 @@ def parse_args(argv=None):
     g.add_argument("--sample-every", type=int, help=f"steps between sample figures ({preset_help('sample_every')}); "
                                                     "0 means no sampling at all, not even at the end")
     p.add_argument("--sample", type=int, help=argparse.SUPPRESS)  # the sampling mode is sample.py's now
+    p.add_argument("--sample-batch-size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.sample is not None:
-        p.error(f"sampling is sample.py's: python sample.py --out-dir {args.out_dir or 'DIR'} -n {args.sample}")
+    if args.sample is not None or args.sample_batch_size is not None:
+        p.error(f"sampling is sample.py's: python sample.py --out-dir {args.out_dir or 'DIR'} -n {args.sample or 'N'}"
+                + (f" --batch-size {args.sample_batch_size}" if args.sample_batch_size else ""))
     for name, least in (("steps", 1), ("batch_size", 1), ("channels", 1), ("hidden", 1), ("n_sigmas", 2),
                         ("n_steps_each", 1)):
         if getattr(args, name) is not None and getattr(args, name) < least:
@@ -145,10 +147,6 @@ def setup_device(name):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":  # TF32 matmuls and convolutions: free speed on Ampere and newer
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     return device, rank, world
 
 
@@ -238,7 +236,10 @@ def load_images(dataset, data_dir):
     if error is not None:
         raise RunError(str(error))
     if not is_first:
-        images = load(data_dir, train=True, download=False, progress=False)
+        try:
+            images = load(data_dir, train=True, download=False, progress=False)
+        except data.DataError as e:
+            raise RunError(str(e)) from None
     return images
 
 

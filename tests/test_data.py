@@ -120,11 +120,16 @@ def cifar_archive(extra=()):
     return buffer.getvalue(), images(np.concatenate(train)), images(test)
 
 
-def test_cifar10_download_gives_the_images_written_and_is_reused(server, tmp_path):
+def test_cifar10_download_gives_the_images_written_and_is_reused(server, tmp_path, capsys):
     archive, train, test = cifar_archive()
     server.files["/cifar-10-python.tar.gz"] = archive
     url = server.url + "/cifar-10-python.tar.gz"
-    x = load_cifar10(tmp_path, url=url, md5=md5_of(archive), progress=False)
+    x = load_cifar10(tmp_path, url=url, md5=md5_of(archive), progress=True)
+    # stderr is not a terminal here, as in a log file: a plain line at the start and one at the end, no bar.
+    log = capsys.readouterr().err
+    assert "\r" not in log and log.splitlines() == [
+        f"downloading {url} ({len(archive) / 2 ** 20:.1f} MiB) to {tmp_path / 'cifar-10-python.tar.gz'}",
+        "downloaded cifar-10-python.tar.gz"]
     assert x.dtype == torch.uint8 and x.shape == (10, 3, 32, 32)
     assert torch.equal(x, train)
     assert tuple(x[0, :, PIXEL[0], PIXEL[1]].tolist()) == RGB  # channel order and row-major layout

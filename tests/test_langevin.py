@@ -1,5 +1,6 @@
 """Tests for langevin.py (notes §6, §7, §9): closed forms of Langevin dynamics on Gaussians, mode weights of the
-two-mode mixture `gmm` and Figure 3, Tweedie's denoising step, and the samplers' contract (seeds, shapes, callbacks, bad input)."""
+two-mode mixture `gmm` and Figure 3, Tweedie's denoising step, and the samplers' contract (seeds, shapes, callbacks,
+bad input)."""
 import math
 
 import pytest
@@ -120,7 +121,7 @@ def test_annealed_langevin_matches_closed_form_on_gaussian(s, mu, start, sigmas,
 
 
 def _gmm_log_density(x, sigma):
-    """log q(x) up to a constant, for the authors' annealed level 1/5 N((-5,-5), sigma^2 I) + 4/5 N((5,5), sigma^2 I)."""
+    """log q(x) up to a constant at the authors' annealed level 1/5 N((-5,-5), sigma^2 I) + 4/5 N((5,5), sigma^2 I)."""
     means = torch.tensor([[-5.0, -5.0], [5.0, 5.0]], dtype=x.dtype)
     var = _expand_like(sigma, x) ** 2  # (B, 1)
     log_n = -((x[:, None, :] - means) ** 2).sum(-1) / (2 * var) - torch.log(var)  # (B, 2); 2-D Gaussian log-density

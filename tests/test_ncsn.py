@@ -91,17 +91,17 @@ def test_technique_3_as_written_is_the_unconditional_network():
 
 
 def test_unet_levels_attend_where_asked_and_skip_connections_pair_up():
-    """Per-level structure: num_res_blocks blocks down and one more up per level, attention after exactly the blocks
-    at attn_resolutions (plus the middle), and every up block eats one skip of the down path."""
+    """Per-level structure: num_res_blocks layers down and one more up per level, attention after exactly the blocks
+    at attn_resolutions (plus the middle), and every up layer eats one skip of the down path."""
     model = ncsn.NCSN(3, channels=16, channel_mults=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0,
                       image_size=32)
-    assert [len(level["blocks"]) for level in model.down] == [2, 2, 2]
-    assert [len(level["blocks"]) for level in model.up] == [3, 3, 3]
-    attends = lambda level: [isinstance(a, ncsn.Attention) for a in level["attentions"]]  # noqa: E731
+    assert [len(level["layers"]) for level in model.down] == [2, 2, 2]
+    assert [len(level["layers"]) for level in model.up] == [3, 3, 3]
+    attends = lambda level: [isinstance(layer["attention"], ncsn.Attention) for layer in level["layers"]]  # noqa: E731
     assert [attends(level) for level in model.down] == [[False] * 2, [True] * 2, [False] * 2]  # 32, 16, 8
     assert [attends(level) for level in model.up] == [[False] * 3, [True] * 3, [False] * 3]  # 8, 16, 32
-    n_skips = 1 + sum(len(level["blocks"]) for level in model.down) + model.n_down
-    assert n_skips == sum(len(level["blocks"]) for level in model.up)
+    n_skips = 1 + sum(len(level["layers"]) for level in model.down) + model.n_down
+    assert n_skips == sum(len(level["layers"]) for level in model.up)
 
 
 def test_ncsn_channels_last_and_bf16_autocast():

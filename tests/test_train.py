@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -234,6 +235,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert_one_line_error(run("--steps", "ten", check=False), "--steps")
     assert_one_line_error(run("--dataset", "cifar10", "--objective", "exact", check=False), "exact")
     assert_one_line_error(run("--sample", 4, check=False), "python sample.py")  # sampling moved there
+    assert_one_line_error(run("--sample", 4, "--sample-batch-size", 2, check=False), "-n 4 --batch-size 2")
     assert_one_line_error(run("--sample-ev", 4, check=False), "unrecognized arguments")  # no abbreviations
     assert_one_line_error(run("--dataset", "gmm", "--sigma-max", "0.001", "--out-dir", tmp_path / "s", check=False),
                           "sigma")
@@ -300,3 +302,62 @@ def test_sample_py_help_lists_the_sampling_options():
     help_text = run("--help", script="sample.py").stdout
     for flag in ("--out-dir", "--checkpoint", "-n N", "--batch-size", "--seed", "--device"):
         assert flag in help_text, flag
+
+
+def old_unet_name(name, num_res_blocks):
+    """The name an earlier train.py gave a U-Net parameter: one flat list of modules per path (a level's blocks,
+    then its resampling conv as `.conv`), each block's attention inside it, the middle as mid.0 (with attention)
+    and mid.1."""
+    layer = re.fullmatch(r"(down|up)\.(\d+)\.layers\.(\d+)\.(block|attention)\.(.+)", name)
+    resample = re.fullmatch(r"(down|up)\.(\d+)\.resample\.(?:1\.)?(weight|bias)", name)
+    if layer or resample:
+        path, level = (layer or resample).group(1), int((layer or resample).group(2))
+        per_level = num_res_blocks + (1 if path == "down" else 2)  # the level's blocks and its resampling conv
+        if resample:
+            return f"{path}.{level * per_level + per_level - 1}.conv.{resample.group(3)}"
+        block, part, rest = int(layer.group(3)), layer.group(4), layer.group(5)
+        return f"{path}.{level * per_level + block}." + ("attention." if part == "attention" else "") + rest
+    for new, old in (("mid_block1.", "mid.0."), ("mid_attention.", "mid.0.attention."), ("mid_block2.", "mid.1.")):
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+def test_checkpoint_of_the_earlier_layout_resumes_exactly_and_samples(tmp_path):
+    """A checkpoint as the earlier train.py wrote it (config["model"], the flat U-Net names, parameters in the same
+    order) resumes to the same weights as the same checkpoint in today's layout, and sample.py draws from it."""
+    data_dir = tmp_path / "data"
+    write_cifar_folder(data_dir)
+    common = ["--data-dir", data_dir, "--batch-size", 4, "--channels", 8, "--n-sigmas", 4, "--n-steps-each", 1,
+              "--sample-every", 0, "--device", "cpu"]
+    new, old = tmp_path / "new", tmp_path / "old"
+    run("--dataset", "cifar10", "--out-dir", new, "--steps", 2, *common)
+    ckpt = torch.load(new / "checkpoint.pt", weights_only=True)
+    config = dict(ckpt["config"])
+    config["model"] = config.pop("architecture")
+    n_blocks = config["model"]["num_res_blocks"]
+    renamed = {key: {old_unet_name(name, n_blocks): t for name, t in ckpt[key].items()} for key in ("model", "ema")}
+    assert renamed["model"].keys() != ckpt["model"].keys() and "mid.0.attention.qkv.weight" in renamed["model"]
+    old.mkdir()
+    torch.save(dict(ckpt, config=config, **renamed), old / "checkpoint.pt")
+    for out in (new, old):
+        run("--out-dir", out, "--steps", 4, *common)
+    a, b = (torch.load(out / "checkpoint.pt", weights_only=True) for out in (new, old))
+    assert b["config"] == a["config"] and "architecture" in b["config"]
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(t, b[key][name]) for name, t in a[key].items()), key
+    torch.save(dict(ckpt, config=config, **renamed), old / "checkpoint.pt")
+    sample("--out-dir", old, "-n", 2, "--device", "cpu")
+    assert np.load(old / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tmp_path):
+    out = tmp_path / "run"
+    run("--dataset", "gmm", "--out-dir", out, "--steps", 5, "--sample-every", 0, *FAST)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["architecture"]["hidden"] = 64  # the weights are the preset's width, 128
+    torch.save(ckpt, out / "checkpoint.pt")
+    for result in (run("--out-dir", out, "--steps", 10, *FAST, check=False),
+                   sample("--out-dir", out, "-n", 4, "--device", "cpu", check=False)):
+        assert_one_line_error(result, "do not fit the network its config describes")
