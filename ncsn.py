@@ -343,8 +343,9 @@ def _noise_features(sigma, n):
 
 def _norm(channels):
     # 32 groups as in DDPM, fewer for narrow networks: a group keeps >= 4 channels, since a group of one channel
-    # would subtract away the per-channel shift by which the noise embedding enters each residual block.
-    return nn.GroupNorm(math.gcd(32, max(channels // 4, 1)), channels)
+    # would subtract away the per-channel shift by which the noise embedding enters each residual block. The last
+    # gcd makes the count divide any width (9 channels: 1 group of 9); it changes nothing where 32, c // 4 did.
+    return nn.GroupNorm(math.gcd(math.gcd(32, max(channels // 4, 1)), channels), channels)
 
 
 def _zero(module):
@@ -426,7 +427,7 @@ class NCSN(nn.Module):
                              f"got {tuple(attn_resolutions)}; pass the training image size as image_size")
         self.in_channels, self.n_down = in_channels, len(channel_mults) - 1
         embed_dim = 4 * channels if conditional else None
-        self.embed = nn.Sequential(nn.Linear(2 * (channels // 2), embed_dim), nn.SiLU(),
+        self.embed = nn.Sequential(nn.Linear(2 * max(channels // 2, 1), embed_dim), nn.SiLU(),
                                    nn.Linear(embed_dim, embed_dim)) if conditional else None  # log sigma features
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
