@@ -213,12 +213,18 @@ def _mnist_file(data_dir, name, download, progress, mirrors, md5):
         if os.path.isfile(path + ".gz"):
             _check_md5(path + ".gz", md5[name + ".gz"])
             return path + ".gz"
+    # Every file of the set that is missing is named, so that one trip to a browser fetches them all.
+    missing = [f for f in md5 if not any(os.path.isfile(os.path.join(folder, f[:-3]) + ext)
+                                         for folder in (raw_dir, data_dir) for ext in ("", ".gz"))]
+    where = f"put {', '.join(missing)} (from {mirrors[0]}) in {os.path.abspath(raw_dir)}"
     if not download:
-        raise DataError(f"MNIST file {name}.gz not found: put it (from {mirrors[0]}{name}.gz) "
-                        f"in {os.path.abspath(raw_dir)}")
+        raise DataError(f"MNIST not found: {where}")
     os.makedirs(raw_dir, exist_ok=True)
     path = os.path.join(raw_dir, name + ".gz")
-    _download([mirror + name + ".gz" for mirror in mirrors], path, md5[name + ".gz"], progress)
+    try:
+        _download([mirror + name + ".gz" for mirror in mirrors], path, md5[name + ".gz"], progress)
+    except DataError as error:
+        raise DataError(f"{error}; MNIST needs all of its files: {where}") from None
     return path
 
 

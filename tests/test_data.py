@@ -288,6 +288,12 @@ def test_mnist_without_network_names_every_url_and_the_folder(tmp_path):
         assert mirror + "train-images-idx3-ubyte.gz" in message
     assert str(tmp_path / "MNIST" / "raw") in message and "\n" not in message
     assert os.listdir(tmp_path / "MNIST" / "raw") == []
+    # Every missing file is named, not just the first (here the test images are there already).
+    (tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(b"")
+    with pytest.raises(DataError) as error:
+        load_mnist(tmp_path, download=False)
+    assert "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-labels-idx1-ubyte.gz (from" in str(
+        error.value)
 
 
 # ---------------------------------------------------------------- batches on the device
