@@ -1,19 +1,28 @@
 """A training run on disk: what train.py keeps in its --out-dir, and how train.py and sample.py read it back.
 
-    checkpoint.pt             {model, ema, optimizer, step, config, rng}, readable with torch.load(weights_only=True)
+    checkpoint.pt             {model, ema, optimizer, step, config, rng, interval}, read with torch.load(weights_only)
     metrics.jsonl             one JSON object per line: the loss every --log-every steps, quality numbers, ...
     samples/step_NNNNNNN.png  sample figures during training (a grid of images, or 2-D points over fresh data)
     samples.npz, samples.png  sample.py's samples and their figure
+    run.lock                  held by the run that uses the folder (PID and host inside), so that there is one
 
 `config` holds everything needed to rebuild the network (config["architecture"]) and to sample from it (shape,
-data range, sigmas, n_steps_each, step_size). Every file but metrics.jsonl (appended to, a line at a time) is written
-atomically: to a temporary file beside it, flushed to disk, then renamed, so a crash leaves the previous version
-whole. Problems a user can fix (an unreadable
-or foreign checkpoint, a device that isn't there) raise RunError, whose message is one line.
+data range, sigmas, n_steps_each, step_size); `rng` and `interval` hold, per process, the random streams and the
+losses since the last metrics line, so that a resumed run goes on exactly as if it had never stopped. Every file but
+metrics.jsonl (appended to, a line at a time, and cut back to the checkpoint's step on resume) is written atomically:
+to a temporary file beside it, flushed to disk, then renamed, so a crash leaves the previous version whole; the
+leftovers of a crash are removed when the next run starts. A checkpoint proves its integrity: torch.save writes a zip
+whose members carry a CRC-32 of their bytes, checked on load, and its weights must be finite and fit its config.
+Problems a user can fix (an unreadable or foreign checkpoint, a busy or unwritable folder, a device that isn't there)
+raise RunError, whose message is one line.
 """
+import fcntl
 import json
 import math
 import os
+import re
+import socket
+import zipfile
 
 import torch
 from einops import rearrange
@@ -27,7 +36,12 @@ CONFIG_KEYS = {"dataset", "shape", "data_range", "architecture", "sigmas", "obje
 
 
 class RunError(Exception):
-    """Bad input, a broken file, a diverged run: the scripts print it as one line on stderr and exit with status 1."""
+    """Bad input, a broken file, a diverged run: the scripts print it as one line on stderr and exit with status 1.
+    Under torchrun every process meets it alike, and the first alone prints it."""
+
+
+class RankError(RunError):
+    """A RunError of some processes only (their machine's data, their weights): each of them prints it."""
 
 
 def pick_device(name):
@@ -51,7 +65,8 @@ def pick_device(name):
 
 
 def save_atomic(write, path):
-    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename: a crash leaves the old file."""
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename: a crash leaves the old file,
+    and a failed write (a full disk) too, with a one-line RunError."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -59,18 +74,59 @@ def save_atomic(write, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise RunError(f"could not write {path} ({e.strerror or e}); the previous version, if any, is untouched") \
+            from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def load_checkpoint(path, device):
-    """The checkpoint dict at `path`, its tensors on `device`, read without running code (weights_only)."""
+def prepare_out_dir(out_dir):
+    """Create out_dir, prove it writable, lock it for this run (the returned file holds the lock while it is open),
+    and remove the temporary files that a crash during a save left there."""
     try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".probe{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("writable\n")
+        os.remove(probe)
+    except (FileExistsError, NotADirectoryError):
+        raise RunError(f"--out-dir {out_dir} is a file, or inside one; point --out-dir at a folder") from None
+    except OSError as e:
+        raise RunError(f"--out-dir {out_dir} cannot be written ({e.strerror}); point --out-dir elsewhere") from None
+    lock = open(os.path.join(out_dir, "run.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel when this process ends, however
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RunError(f"{out_dir} is in use by another run ({holder}); wait for it to end, or use another "
+                       "--out-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    for folder in (out_dir, os.path.join(out_dir, "samples")):
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            if re.fullmatch(r".+\.tmp\d+", name):  # save_atomic's temporary files: no run is writing them now
+                os.remove(os.path.join(folder, name))
+    return lock
+
+
+def load_checkpoint(path, device):
+    """The checkpoint dict at `path`, its tensors on `device`, read without running code (weights_only) once the
+    CRC-32 of every member of its zip is right; its weights must be finite and fit the network its config describes."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every member and checks its CRC-32
+        if bad is not None:
+            raise ValueError(f"the CRC-32 of {bad} does not match its bytes")
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001  -- any unreadable file gets the same one-line answer
         reason = " ".join(str(e).split())[:120] or "no message"
-        raise RunError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); it may be truncated or "
+        raise RunError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); it is truncated or "
                        "corrupt: move it away to start afresh, or point --out-dir elsewhere") from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and "architecture" not in ckpt["config"]:
         ckpt = _upgrade(ckpt)
@@ -84,6 +140,9 @@ def load_checkpoint(path, device):
         if {name: t.shape for name, t in ckpt[key].items()} != expected:
             raise RunError(f"{path}: its {key} weights do not fit the network its config describes; it is corrupt "
                            "or was edited: move it away to start afresh, or point --out-dir elsewhere")
+        if not all(t.isfinite().all() for t in ckpt[key].values() if t.is_floating_point()):
+            raise RunError(f"{path}: its {key} weights are not finite; it is corrupt: move it away to start afresh, "
+                           "or point --out-dir elsewhere")
     return ckpt
 
 
@@ -128,6 +187,23 @@ def append_metrics(out_dir, record):
     """One JSON line appended to <out_dir>/metrics.jsonl."""
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def cut_metrics(out_dir, step):
+    """Drop the lines of metrics.jsonl after `step` (those a resumed run is about to write again), atomically; a
+    line cut short by a crash goes too."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    save_atomic(lambda f: f.write("".join(kept).encode()), path)
 
 
 def _pyplot():

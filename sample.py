@@ -38,12 +38,17 @@ def parse_args(argv=None):
                    help="chains run at once; lower it if memory runs out (default: 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draw and the Langevin noise (default: 0)")
     p.add_argument("--device", default="auto", help="auto (the default) picks cuda, then mps, then cpu; or e.g. cuda:1")
+    p.add_argument("--n-steps-each", type=int, help="Langevin steps per noise level T (default: the checkpoint's)")
+    p.add_argument("--step-size", type=float, help="step size at the smallest sigma, in the notes' convention "
+                                                   "x + eps/2 s + sqrt(eps) z (default: the checkpoint's)")
     args = p.parse_args(argv)
     if args.out_dir is None and args.checkpoint is None:
         p.error("give --out-dir (a run of train.py) or --checkpoint")
-    for name in ("n_samples", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("n_samples", "batch_size", "n_steps_each"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.step_size is not None and not 0 < args.step_size < float("inf"):
+        p.error(f"--step-size must be > 0 and finite, got {args.step_size}")
     return args
 
 
@@ -58,13 +63,21 @@ def sample(args):
         raise RunError("sample.py runs in one process; start it with python, not torchrun")
     device = runs.pick_device(args.device)
     ckpt = runs.load_checkpoint(ckpt_path, device)
-    config = ckpt["config"]
-    model = runs.build_model(config).to(device)
+    model = runs.build_model(ckpt["config"]).to(device)
     model.load_state_dict(ckpt["ema"])  # the EMA's state dict is the averaged network's own
+    # The sampler the run was trained for, unless a flag changes it (and then it says so).
+    changes = {k: getattr(args, k) for k in ("n_steps_each", "step_size") if getattr(args, k) is not None}
+    config = dict(ckpt["config"], **changes)
     print(f"sampling {args.n_samples} from {ckpt_path} (step {ckpt['step']}): {len(config['sigmas'])} levels x "
-          f"{config['n_steps_each']} steps + denoise, in batches of {min(args.batch_size, args.n_samples)}")
+          f"{config['n_steps_each']} steps of {config['step_size']:.3g} + denoise, in batches of "
+          f"{min(args.batch_size, args.n_samples)}" + "".join(f"; {k} {ckpt['config'][k]} -> {v}"
+                                                              for k, v in changes.items()))
     generator = torch.Generator(device).manual_seed(args.seed)
     samples = runs.draw_samples(model, config, args.n_samples, generator, progress=True, batch_size=args.batch_size)
+    if not samples.isfinite().all():  # a chain that diverged: its NaNs would pass for pixels once cast to uint8
+        bad = int((~samples.isfinite()).flatten(1).any(1).sum())
+        raise RunError(f"{bad} of the {args.n_samples} samples are not finite (the chains diverged); nothing was "
+                       "written: try a smaller --step-size or another checkpoint")
     os.makedirs(out_dir, exist_ok=True)
     figure = os.path.join(out_dir, "samples.png")
     if runs.is_image_run(config):

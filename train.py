@@ -15,6 +15,7 @@ import contextlib
 import functools
 import math
 import os
+import signal
 import sys
 import time
 
@@ -26,7 +27,7 @@ from tqdm import tqdm
 import data
 import ncsn
 import runs
-from runs import RunError
+from runs import RankError, RunError
 
 # ----------------------------------------------------------------------------------------------------------------
 # Presets: every setting a flag can override, per dataset. sigma_max=None means "NCSNv2 technique 1 on the training
@@ -150,6 +151,25 @@ def setup_device(name):
     return device, rank, world
 
 
+def take_out_dir(out_dir, rank, world, device):
+    """Rank 0 creates the out-dir, proves it writable, locks it for this run and clears a crash's leftovers
+    (runs.prepare_out_dir), before any work; every rank learns whether that worked. Returns the lock's file."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = runs.prepare_out_dir(out_dir)
+        except RunError as e:
+            error = e
+    if world > 1:
+        ok = torch.tensor(float(error is None), device=device)
+        dist.broadcast(ok, 0)
+        if not ok:
+            error = error or RunError(f"rank 0 could not use --out-dir {out_dir}")
+    if error is not None:
+        raise error
+    return lock
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Settings: the preset, overridden by the checkpoint's settings on resume, overridden by flags, resolved into
 # concrete numbers (the config stored in the checkpoint).
@@ -234,12 +254,12 @@ def load_images(dataset, data_dir):
     if dist.is_initialized():
         dist.barrier()
     if error is not None:
-        raise RunError(str(error))
+        raise RankError(str(error))
     if not is_first:
         try:
             images = load(data_dir, train=True, download=False, progress=False)
         except data.DataError as e:
-            raise RunError(str(e)) from None
+            raise RankError(str(e)) from None
     return images
 
 
@@ -271,10 +291,12 @@ def draw_batch(source, n, generator, device):
 # states of all of them, so that a resumed run continues bit for bit.
 # ----------------------------------------------------------------------------------------------------------------
 def seed_streams(seed, rank, step, device):
-    """Seed dropout (torch's global generator) and return the data and noise generators of a rank at `step`."""
+    """Seed dropout (torch's global generator) and return the generators of a rank at `step`: data, noise, and
+    quality (the fresh points and noise behind the toy quality numbers, used by rank 0)."""
     torch.manual_seed(seed * 1000 + rank + 250 + 1_000_003 * step)
     return {"data": torch.Generator(device).manual_seed(seed * 1000 + rank + 1_000_003 * step),
-            "noise": torch.Generator(device).manual_seed(seed * 1000 + rank + 500 + 1_000_003 * step)}
+            "noise": torch.Generator(device).manual_seed(seed * 1000 + rank + 500 + 1_000_003 * step),
+            "quality": torch.Generator(device).manual_seed(seed + 12345 + 1_000_003 * step)}
 
 
 def rng_state(generators, device):
@@ -288,26 +310,32 @@ def rng_state(generators, device):
 def set_rng_state(state, generators, device):
     torch.set_rng_state(state["torch"].cpu())
     for k, g in generators.items():
-        g.set_state(state[k].cpu())
+        if k in state:  # a checkpoint of an earlier train.py has no quality generator: it keeps its fresh seed
+            g.set_state(state[k].cpu())
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def resume(ckpt, config, model, ema, optimizer, generators, ckpt_path, rank, world, device):
-    """Load the checkpoint's weights, EMA, optimiser and random streams; returns (step, generators)."""
+    """Load the checkpoint's weights, EMA, optimiser, random streams and unlogged losses, and cut metrics.jsonl back
+    to its step; returns (step, generators, this rank's losses since the last metrics line or None)."""
     saved = ckpt["config"]
     for key in IDENTITY:
         if saved[key] != config[key]:
             raise RunError(f"checkpoint {ckpt_path} was trained with a different {key} ({saved[key]!r:.80} here "
                            f"{config[key]!r:.80}); use another --out-dir")
+    if config["steps"] < ckpt["step"]:
+        raise RunError(f"--steps {config['steps']} is below the step of checkpoint {ckpt_path}, {ckpt['step']}; "
+                       "give more steps, or use another --out-dir")
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
     for group in optimizer.param_groups:  # a new --lr applies from here on
         group["lr"] = config["lr"]
-    states = ckpt["rng"]
+    states, interval = ckpt["rng"], None
     if len(states) == world and states[rank].get("device") == device.type:
         set_rng_state(states[rank], generators, device)
+        interval = ckpt["interval"][rank] if "interval" in ckpt else None
     else:  # another number of processes or kind of device: weights and optimiser carry over, streams restart
         generators = seed_streams(config["seed"], rank, ckpt["step"], device)
         if rank == 0:
@@ -315,9 +343,10 @@ def resume(ckpt, config, model, ema, optimizer, generators, ckpt_path, rank, wor
                   f"{states[0].get('device')}, this run has {world} on {device.type}: they are reseeded, so the "
                   "continuation is not bit-identical")
     if rank == 0:
+        runs.cut_metrics(os.path.dirname(ckpt_path), ckpt["step"])  # the lines after it are about to come again
         changed = "".join(f"; {k} {saved[k]} -> {v}" for k, v in config.items() if k in saved and saved[k] != v)
         print(f"resuming from {ckpt_path} at step {ckpt['step']}{changed}")
-    return ckpt["step"], generators
+    return ckpt["step"], generators, interval
 
 
 def check_same_step(step, world, device, out_dir):
@@ -387,11 +416,12 @@ def sigma_bands(sigmas, device, n_bands=4):
     return band_of_level.to(device), [f"{sigmas[int(i[0])]:.3g}-{sigmas[int(i[-1])]:.3g}" for i in ends]
 
 
-def due(step, config):
-    """What step `step` is due for: a metrics line, a checkpoint (always at the end), a sample figure, a check."""
+def due(step, config, stopping):
+    """What step `step` is due for: a metrics line, a checkpoint (always at the end, and when stopping on a signal),
+    a sample figure, a check."""
     last = step == config["steps"]
     events = dict(log=bool(config["log_every"]) and step % config["log_every"] == 0,
-                  ckpt=bool(config["ckpt_every"]) and step % config["ckpt_every"] == 0 or last,
+                  ckpt=bool(config["ckpt_every"]) and step % config["ckpt_every"] == 0 or last or bool(stopping),
                   sample=bool(config["sample_every"]) and (step % config["sample_every"] == 0 or last))
     # Non-finite losses are looked for before anything is written, and at least every 100 steps.
     events["check"] = any(events.values()) or step % min(config["log_every"] or 100, 100) == 0
@@ -399,7 +429,8 @@ def due(step, config):
 
 
 def check_finite(losses, step, world, out_dir):
-    """One host sync: stop on a non-finite loss among `losses` (those of the steps up to `step` not yet checked)."""
+    """One host sync: stop on a non-finite loss among `losses` (those of the steps up to `step` not yet checked)
+    before anything of them is written."""
     values = torch.stack(losses) if losses else torch.zeros(0)
     bad = (~torch.isfinite(values)).any().float()
     if world > 1:  # every rank stops together, whichever saw it
@@ -408,21 +439,68 @@ def check_finite(losses, step, world, out_dir):
         values = values.cpu()
         where = (f"at step {step - len(values) + 1 + int((~torch.isfinite(values)).nonzero()[0])}"
                  if not torch.isfinite(values).all() else f"on another rank by step {step}")
-        raise RunError(f"the loss is not finite {where}; stopping before anything more is saved (the last good "
-                       f"checkpoint in {out_dir} is untouched); try a lower --lr")
+        raise RunError(f"the loss is not finite {where}; stopping before anything more is saved "
+                       f"({kept_checkpoint(out_dir)}); try a lower --lr")
 
 
-def metrics_line(step, losses, band_stats, band_names, seconds, config, world):
-    """The metrics of the steps since the last line, averaged over the ranks. band_stats: (2, n_bands), the sums of
-    the per-example losses in each band and their counts."""
+def kept_checkpoint(out_dir):
+    """What a stop leaves of the run, in words."""
+    path = os.path.join(out_dir, "checkpoint.pt")
+    return f"the last good checkpoint, {path}, is untouched" if os.path.exists(path) else "no checkpoint was written"
+
+
+STOP = {"signal": 0}  # the first SIGINT or SIGTERM asks the run to stop after its current step
+
+
+def on_signal(signum, frame):
+    """SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption notice): finish the step, checkpoint, exit. A second Ctrl-C
+    stops at once; further SIGTERMs change nothing (torchrun forwards a Ctrl-C to its workers as SIGTERM)."""
+    if STOP["signal"] and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    if not STOP["signal"] and int(os.environ.get("RANK", 0)) == 0:
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C again to "
+                   "stop at once)", file=sys.stderr)
+    STOP["signal"] = STOP["signal"] or signum
+
+
+def catch_stop_signals():
+    """From here on, SIGINT and SIGTERM go to on_signal; returns 0, the signal seen so far."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    return 0
+
+
+def stop_signal(world, device):
+    """The signal that asked this run to stop, or 0: the same on every rank (a small all-reduce per step under
+    torchrun, so that all stop after the same step)."""
+    if world == 1:
+        return STOP["signal"]
+    signum = torch.tensor(STOP["signal"], device=device)
+    dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    return int(signum)
+
+
+def log_metrics(step, losses, band_stats, band_names, seconds, config, rank, world, bar, out_dir):
+    """The metrics of the steps since the last line, averaged over the ranks (band_stats: (2, n_bands), the sums of
+    the per-example losses in each band and their counts); rank 0 shows them and appends them to metrics.jsonl."""
     values = torch.stack(losses)
     if world > 1:
         for t in (values, band_stats):
             dist.all_reduce(t)
         values /= world
-    return dict(step=step, loss=float(values.mean()), lr=config["lr"],
+    line = dict(step=step, loss=float(values.mean()), lr=config["lr"],
                 images_per_s=len(values) * config["batch_size"] / seconds,
                 loss_per_sigma_band={name: float(s / max(c, 1)) for name, s, c in zip(band_names, *band_stats.cpu())})
+    if rank == 0:
+        report(line, bar, out_dir)
+
+
+def unlogged_losses(interval, n_bands, device):
+    """The losses since the last metrics line (0-d tensors on the device) and their band sums and counts (2, n_bands):
+    a checkpoint's `interval` of this rank on resume, else none."""
+    if interval is None:
+        return [], torch.zeros(2, n_bands, device=device)
+    return list(interval["losses"].to(device).unbind()), interval["band_stats"].to(device)
 
 
 def report(line, bar, out_dir):
@@ -436,23 +514,26 @@ def report(line, bar, out_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and sample figures
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(path, model, ema, optimizer, step, config, generators, rank, world, device):
-    """Write {model, ema, optimizer, step, config, rng} atomically (rank 0), once the weights are known to be finite;
-    every rank takes part, since the random streams of all of them are saved."""
+def save_checkpoint(path, model, ema, optimizer, step, config, generators, losses, band_stats, rank, world, device):
+    """Write {model, ema, optimizer, step, config, rng, interval} atomically (rank 0), once the weights are known to
+    be finite; every rank takes part, since the random streams and the losses not yet in a metrics line of all of
+    them are saved."""
     finite = torch.stack([p.isfinite().all() for m in (model, ema.module) for p in m.parameters()]).all().float()
     if world > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite:
-        raise RunError(f"the weights are not finite after step {step}; stopping before they are saved (the last "
-                       f"good checkpoint in {os.path.dirname(path)} is untouched); try a lower --lr")
-    states = [None] * world
+        raise RunError(f"the weights are not finite after step {step}; stopping before they are saved "
+                       f"({kept_checkpoint(os.path.dirname(path))}); try a lower --lr")
+    mine = (rng_state(generators, device),
+            dict(losses=torch.stack(losses).cpu() if losses else torch.zeros(0), band_stats=band_stats.cpu()))
+    gathered = [None] * world
     if world > 1:
-        dist.all_gather_object(states, rng_state(generators, device))
+        dist.all_gather_object(gathered, mine)
     else:
-        states = [rng_state(generators, device)]
+        gathered = [mine]
     if rank == 0:
         state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                     config=config, rng=states)
+                     config=config, rng=[rng for rng, _ in gathered], interval=[interval for _, interval in gathered])
         runs.save_atomic(lambda f: torch.save(state, f), path)
 
 
@@ -485,6 +566,21 @@ def announce(config, model, world, device, out_dir):
           f"{config['objective']}, {world} process(es) on {device}, writing to {out_dir}")
 
 
+def finish(model, ema, step, stopping, ckpt_path, lock, rank, world):
+    """The end of a run, finished or stopped by a signal: the ranks must agree, the out-dir is released, and rank 0
+    says where things stand. Returns the signal that stopped the run, or 0."""
+    if world > 1:
+        check_ranks_agree(model, ema, world, rank)
+    if lock is not None:
+        lock.close()
+    if rank == 0 and stopping:
+        print(f"stopped at step {step} by {signal.Signals(stopping).name}, with checkpoint {ckpt_path}; run the same "
+              "command to resume", file=sys.stderr)
+    elif rank == 0:
+        print(f"done: {step} steps; checkpoint {ckpt_path}")
+    return stopping
+
+
 def check_ranks_agree(model, ema, world, rank):
     """DDP keeps the ranks in lockstep; say so, or stop loudly if they ever drifted apart."""
     fingerprint = torch.stack([torch.cat([p.detach().double().flatten() for p in m.parameters()]).square().sum()
@@ -492,7 +588,7 @@ def check_ranks_agree(model, ema, world, rank):
     everyone = [torch.zeros_like(fingerprint) for _ in range(world)]
     dist.all_gather(everyone, fingerprint)
     if any(not torch.equal(f, fingerprint) for f in everyone):
-        raise RunError(f"rank {rank}: the model or EMA weights differ between ranks")
+        raise RankError("the model or EMA weights differ between ranks")
     if rank == 0:
         print(f"parameters and EMA agree on all {world} ranks")
 
@@ -501,9 +597,11 @@ def check_ranks_agree(model, ema, world, rank):
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 def train(args):
-    # Devices, the checkpoint to resume from, the settings.
+    """Train until --steps; returns 0, or the signal (SIGINT, SIGTERM) that stopped the run at a checkpoint."""
+    # Devices, the out-dir (this run's alone from here on), the checkpoint to resume from, the settings.
     device, rank, world = setup_device(args.device)
     is_main = rank == 0
+    lock = take_out_dir(args.out_dir, rank, world, device)  # held until the run ends
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     ckpt = runs.load_checkpoint(ckpt_path, device) if os.path.exists(ckpt_path) else None
     saved = ckpt["config"] if ckpt is not None else {}
@@ -525,14 +623,15 @@ def train(args):
     ema = ncsn.EMA(model, decay=config["ema_decay"])
     generators = seed_streams(config["seed"], rank, 0, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], betas=(0.9, 0.999), eps=1e-8)
-    step = 0
+    step, interval = 0, None
 
     # Resume.
     if ckpt is not None:
-        step, generators = resume(ckpt, config, model, ema, optimizer, generators, ckpt_path, rank, world, device)
+        step, generators, interval = resume(ckpt, config, model, ema, optimizer, generators, ckpt_path, rank, world,
+                                            device)
     check_same_step(step, world, device, args.out_dir)
 
-    # The network under its switches, the data, the noise levels.
+    # The network under its switches, the data, the noise levels, the losses not yet in a metrics line.
     net = wrap(model, world, device, args.compile, config["objective"])
     score_fn = functools.partial(network_score, net=net, device=device, objective=config["objective"],
                                  precision=usable_precision(config["precision"], device))
@@ -540,17 +639,17 @@ def train(args):
     sigmas = torch.tensor(config["sigmas"], device=device)
     local_batch = config["batch_size"] // world
     band_of_level, band_names = sigma_bands(config["sigmas"], device)
-    band_stats = torch.zeros(2, len(band_names), device=device)  # per band: the sum of the losses, their count
-    losses, checked = [], 0  # 0-d loss tensors on the device since the last metrics line; how many are checked
-    quality_generator = torch.Generator(device).manual_seed(config["seed"] + 12345)
+    losses, band_stats = unlogged_losses(interval, len(band_names), device)
+    checked = len(losses)  # how many of them are known to be finite
     if is_main:
         announce(config, model, world, device, args.out_dir)
 
     # The loop. The bar shows on a terminal only (disable=None), on rank 0; it closes before any error is printed.
     seconds, since = 0.0, time.perf_counter()  # training time since the last metrics line, and since when
+    stopping = catch_stop_signals()  # from here a signal asks for a checkpoint and a clean exit after the step
     with tqdm(total=config["steps"], initial=step, disable=None if is_main else True, dynamic_ncols=True,
               desc="train") as bar:
-        while step < config["steps"]:
+        while step < config["steps"] and not stopping:
             # One step.
             model.train()
             x = draw_batch(source, local_batch, generators["data"], device)  # (b, *shape)
@@ -569,45 +668,50 @@ def train(args):
                                                                           torch.ones_like(per_example)]))
 
             # Check: before anything of this interval is written, stop on a non-finite loss.
-            events = due(step, config)
+            stopping = stop_signal(world, device)
+            events = due(step, config, stopping)
             if events["check"]:
                 check_finite(losses[checked:], step, world, args.out_dir)
                 checked = len(losses)
             # Log.
-            if events["log"] or (events["check"] and not config["log_every"]):
-                seconds += time.perf_counter() - since
-                if events["log"]:
-                    line = metrics_line(step, losses, band_stats, band_names, seconds, config, world)
-                    if is_main:
-                        report(line, bar, args.out_dir)
+            if events["log"]:
+                log_metrics(step, losses, band_stats, band_names, seconds + time.perf_counter() - since, config,
+                            rank, world, bar, args.out_dir)
+            if events["log"] or (events["check"] and not config["log_every"]):  # a new interval begins
                 losses, checked, seconds, since = [], 0, 0.0, time.perf_counter()
                 band_stats.zero_()
-            # Save: a checkpoint, a sample figure (their time is not training time).
+            # Save: a sample figure, then a checkpoint, which holds the random streams the figure has used (their
+            # time is not training time).
             if events["ckpt"] or events["sample"]:
                 seconds += time.perf_counter() - since
-                if events["ckpt"]:
-                    save_checkpoint(ckpt_path, model, ema, optimizer, step, config, generators, rank, world, device)
                 if events["sample"] and is_main:
-                    write_samples(ema.module, config, step, args.out_dir, quality_generator)
+                    write_samples(ema.module, config, step, args.out_dir, generators["quality"])
                 if events["sample"] and world > 1:
                     dist.barrier()
+                if events["ckpt"]:
+                    save_checkpoint(ckpt_path, model, ema, optimizer, step, config, generators, losses, band_stats,
+                                    rank, world, device)
                 since = time.perf_counter()
-    if world > 1:
-        check_ranks_agree(model, ema, world, rank)
-    if is_main:
-        print(f"done: {step} steps; checkpoint {ckpt_path}")
+    return finish(model, ema, step, stopping, ckpt_path, lock, rank, world)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
     try:
-        train(args)
-    except RunError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        stopped_by = train(args)
+    except RunError as e:  # under torchrun, printed once, unless it is some ranks' own
+        if rank == 0 or isinstance(e, RankError):
+            print(f"train.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C in it
+        if rank == 0:
+            print(f"train.py: interrupted; {kept_checkpoint(args.out_dir)}", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     finally:  # after train() has returned and its DDP wrapper is gone, so that nothing outlives the process group
         if dist.is_initialized():
             dist.destroy_process_group()
+    sys.exit(128 + stopped_by if stopped_by else 0)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""train.py end to end, on the CPU: the toy run, exact resume, the image loaders behind it, the objectives and
+"""train.py and sample.py end to end, on the CPU: the toy run, the image loaders behind it, the objectives and
 switches, several processes under torchrun, one-line errors for bad input, and train() as a flat story."""
 import ast
 import gzip
@@ -57,26 +57,8 @@ def test_gmm_end_to_end_loss_falls_and_writes_samples_and_checkpoint(tmp_path):
     assert abs(sum(quality["mode_weights"]) + quality["diverged"] - 1) < 1e-6
     assert "mode_weights" in result.stdout + result.stderr
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "rng"} and ckpt["step"] == 200
+    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "rng", "interval"} and ckpt["step"] == 200
     assert ckpt["config"]["dataset"] == "gmm" and len(ckpt["config"]["sigmas"]) == 8
-
-
-def test_resume_is_exact(tmp_path):
-    """N steps, stop, N more gives bit-identical weights, EMA and optimiser state to 2N steps in one go."""
-    common = ["--dataset", "gmm", "--sample-every", 0, "--ckpt-every", 0, *FAST]
-    run("--out-dir", tmp_path / "once", "--steps", 40, *common)
-    run("--out-dir", tmp_path / "twice", "--steps", 20, *common)
-    second = run("--out-dir", tmp_path / "twice", "--steps", 40, *common)
-    assert f"resuming from {tmp_path / 'twice' / 'checkpoint.pt'} at step 20" in second.stdout
-    a = torch.load(tmp_path / "once" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=True)
-    assert a["step"] == b["step"] == 40
-    for key in ("model", "ema"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resuming"
-    for p, q in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(p[k], q[k]) for k in p)
-    assert not (tmp_path / "twice" / "samples").exists()  # --sample-every 0: no sampling, not even at the end
 
 
 def write_cifar_folder(root, n=4):
@@ -159,6 +141,7 @@ def test_sample_py_in_a_log_prints_progress_lines_not_a_bar(tmp_path):
     """Where stderr is not a terminal, the wait shows as plain lines (no carriage returns)."""
     out = tmp_path / "gmm"
     run("--dataset", "gmm", "--out-dir", out, "--steps", 5, "--sample-every", 0, *FAST)
+    assert not (out / "samples").exists()  # --sample-every 0: no sampling, not even at the end
     result = sample("--out-dir", out, "-n", 10, "--device", "cpu")
     assert "\r" not in result.stderr
     assert "10 samples against as many fresh points: mmd" in result.stdout and "mode_weights" in result.stdout
@@ -221,8 +204,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "parameters and EMA agree on all 2 ranks" in result.stdout
-    assert os.listdir(out) == ["checkpoint.pt", "metrics.jsonl"] or sorted(os.listdir(out)) == [
-        "checkpoint.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.jsonl", "run.lock"]  # rank 0 alone writes
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 10 and len(ckpt["rng"]) == 2
     assert len([r for r in metrics(out) if "loss" in r]) == 1  # rank 0 alone logs
@@ -239,23 +221,6 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert_one_line_error(run("--sample-ev", 4, check=False), "unrecognized arguments")  # no abbreviations
     assert_one_line_error(run("--dataset", "gmm", "--sigma-max", "0.001", "--out-dir", tmp_path / "s", check=False),
                           "sigma")
-
-
-def test_corrupt_or_foreign_checkpoint_is_refused_and_left_alone(tmp_path):
-    out = tmp_path / "run"
-    run("--dataset", "gmm", "--out-dir", out, "--steps", 5, "--sample-every", 0, *FAST)
-    good = (out / "checkpoint.pt").read_bytes()
-    assert_one_line_error(run("--dataset", "swissroll", "--out-dir", out, "--steps", 5, *FAST, check=False),
-                          "different dataset")
-    (out / "checkpoint.pt").write_bytes(good[: len(good) // 2])
-    truncated = (out / "checkpoint.pt").read_bytes()
-    assert_one_line_error(run("--dataset", "gmm", "--out-dir", out, "--steps", 10, *FAST, check=False),
-                          "checkpoint", "corrupt")
-    assert (out / "checkpoint.pt").read_bytes() == truncated
-    assert_one_line_error(sample("--out-dir", out, "-n", 4, "--device", "cpu", check=False), "corrupt")
-    torch.save({"model": {}}, out / "checkpoint.pt")  # readable, but not a checkpoint of train.py
-    assert_one_line_error(run("--dataset", "gmm", "--out-dir", out, "--steps", 10, *FAST, check=False),
-                          "not a checkpoint of train.py")
 
 
 def test_resume_keeps_the_runs_settings_unless_a_flag_changes_them(tmp_path):
@@ -350,14 +315,3 @@ def test_checkpoint_of_the_earlier_layout_resumes_exactly_and_samples(tmp_path):
     torch.save(dict(ckpt, config=config, **renamed), old / "checkpoint.pt")
     sample("--out-dir", old, "-n", 2, "--device", "cpu")
     assert np.load(old / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
-
-
-def test_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tmp_path):
-    out = tmp_path / "run"
-    run("--dataset", "gmm", "--out-dir", out, "--steps", 5, "--sample-every", 0, *FAST)
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    ckpt["config"]["architecture"]["hidden"] = 64  # the weights are the preset's width, 128
-    torch.save(ckpt, out / "checkpoint.pt")
-    for result in (run("--out-dir", out, "--steps", 10, *FAST, check=False),
-                   sample("--out-dir", out, "-n", 4, "--device", "cpu", check=False)):
-        assert_one_line_error(result, "do not fit the network its config describes")
