@@ -164,16 +164,19 @@ def progress_bar(total, desc, enabled=True, unit="eval", log_every_s=30.0):
 
 @torch.no_grad()
 def sample(model, shape, sigmas, n_steps_each, step_size, denoise=True, generator=None, progress=False,
-           data_range=(0.0, 1.0), batch_size=None):
+           data_range=(0.0, 1.0), batch_size=None, callback=None):
     """Annealed Langevin dynamics from the uniform prior (notes §9; Song & Ermon 2019 Algorithm 1, NCSNv2 denoising).
 
     shape: (N, *event_shape) of the samples; sigmas: descending; step_size: eps, the step at the last level
         (alpha_i = eps sigma_i^2 / sigma_L^2, the paper's update x + alpha/2 s + sqrt(alpha) z; the NCSN authors'
         code uses a step twice as large for the same numbers).
-    data_range: (low, high); the chains start uniform on it, and only the returned samples are clamped to it.
+    data_range: (low, high); the chains start uniform on it, and only the returned samples are clamped to it (a chain
+        that diverged returns NaN).
     batch_size: chains run in chunks of this many (all at once when None), each from its own prior draw.
     generator: a torch.Generator on the model's device for the prior and the Langevin noise.
     progress: show the network evaluations done (progress_bar: a bar on a terminal, periodic lines in a log).
+    callback: optional callback(done, total), called after each network evaluation; an exception it raises stops
+        the sampling (so a caller can abandon it).
     The model runs in eval mode (dropout off) under no_grad; its training mode is restored afterwards.
     """
     device, dtype = _device_dtype(model, sigmas)
@@ -189,9 +192,17 @@ def sample(model, shape, sigmas, n_steps_each, step_size, denoise=True, generato
     was_training = model.training if isinstance(model, nn.Module) else None
     if was_training:
         model.eval()
-    n_chunks = math.ceil(n / batch_size)
+    total, done = math.ceil(n / batch_size) * (len(sigmas) * n_steps_each + denoise), 0  # network evaluations
+
+    def evaluated(step, x):  # after each network evaluation of every chunk
+        nonlocal done
+        done += 1
+        bar.update(1)
+        if callback is not None:
+            callback(done, total)
+
     try:
-        with progress_bar(n_chunks * (len(sigmas) * n_steps_each + denoise), "sample", enabled=progress) as bar:
+        with progress_bar(total, "sample", enabled=progress) as bar:
             chunks = []
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)
@@ -199,11 +210,13 @@ def sample(model, shape, sigmas, n_steps_each, step_size, denoise=True, generato
                                                     dtype=dtype)  # (m, *event_shape), uniform prior
                 chunks.append(annealed_langevin_dynamics(model, x, sigmas, step_size, n_steps_each, denoise=denoise,
                                                          generator=generator,
-                                                         callback=lambda step, x: bar.update(1)))
+                                                         callback=evaluated))
     finally:
         if was_training:
             model.train()
-    return torch.cat(chunks).clamp_(low, high)  # (N, *event_shape)
+    x = torch.cat(chunks)  # (N, *event_shape)
+    # Clamped to the data range; a chain that diverged (inf or NaN) comes back NaN, not as a point on the box's edge.
+    return torch.where(x.isfinite(), x.clamp(low, high), torch.nan)
 
 
 # ---- §10: NCSNv2's techniques 1, 2 and 4 -----------------------------------------------------------------------

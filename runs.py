@@ -22,6 +22,7 @@ import math
 import os
 import re
 import socket
+import sys
 import zipfile
 
 import torch
@@ -64,38 +65,64 @@ def pick_device(name):
     return device
 
 
+def _partial_name(path):
+    """The temporary file of save_atomic for `path`: hidden, beside it, named by host and process, so that a later
+    run knows whose it was."""
+    folder, name = os.path.split(os.fspath(path))
+    return os.path.join(folder, f".{name}.partial-{socket.gethostname()}-{os.getpid()}")
+
+
 def save_atomic(write, path):
     """Call write(f) on a temporary file beside `path`, flush it to disk, then rename: a crash leaves the old file,
     and a failed write (a full disk) too, with a one-line RunError."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = _partial_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise RunError(f"could not write {path} ({e.strerror or e}); the previous version, if any, is untouched") \
-            from None
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:160]
+        raise RunError(f"could not write {path} ({reason}); the previous version, if any, is untouched") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def _remove_leftovers(folder):
+    """Remove the temporary files of save_atomic whose process, on this host, has ended: what a crash left."""
+    pattern = re.compile(rf"\..+\.partial-{re.escape(socket.gethostname())}-(\d+)")
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        match = pattern.fullmatch(name)
+        if match and not _alive(int(match.group(1))):
+            os.remove(os.path.join(folder, name))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def prepare_out_dir(out_dir):
-    """Create out_dir, prove it writable, lock it for this run (the returned file holds the lock while it is open),
-    and remove the temporary files that a crash during a save left there."""
+    """Create out_dir, prove it writable, lock it for this run (the returned file holds the lock while it is open;
+    None where the file system has no locks), and remove the temporary files that a crash during a save left."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".probe{os.getpid()}")
+        probe = os.path.join(out_dir, f".probe-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("writable\n")
         os.remove(probe)
+        lock = open(os.path.join(out_dir, "run.lock"), "a+")
     except (FileExistsError, NotADirectoryError):
         raise RunError(f"--out-dir {out_dir} is a file, or inside one; point --out-dir at a folder") from None
     except OSError as e:
         raise RunError(f"--out-dir {out_dir} cannot be written ({e.strerror}); point --out-dir elsewhere") from None
-    lock = open(os.path.join(out_dir, "run.lock"), "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel when this process ends, however
     except BlockingIOError:
@@ -104,14 +131,18 @@ def prepare_out_dir(out_dir):
         lock.close()
         raise RunError(f"{out_dir} is in use by another run ({holder}); wait for it to end, or use another "
                        "--out-dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
+    except OSError as e:  # Lustre mounted noflock, some FUSE file systems
+        print(f"note: {out_dir} cannot be locked ({e.strerror}): nothing stops a second run from using it too",
+              file=sys.stderr)
+        lock.close()
+        lock = None
+    if lock is not None:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
     for folder in (out_dir, os.path.join(out_dir, "samples")):
-        for name in os.listdir(folder) if os.path.isdir(folder) else ():
-            if re.fullmatch(r".+\.tmp\d+", name):  # save_atomic's temporary files: no run is writing them now
-                os.remove(os.path.join(folder, name))
+        _remove_leftovers(folder)
     return lock
 
 
@@ -119,11 +150,12 @@ def load_checkpoint(path, device):
     """The checkpoint dict at `path`, its tensors on `device`, read without running code (weights_only) once the
     CRC-32 of every member of its zip is right; its weights must be finite and fit the network its config describes."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()  # reads every member and checks its CRC-32
-        if bad is not None:
-            raise ValueError(f"the CRC-32 of {bad} does not match its bytes")
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with open(path, "rb") as f:  # one open file: a checkpoint replaced meanwhile cannot mix two versions
+            bad = zipfile.ZipFile(f).testzip()  # reads every member and checks its CRC-32
+            if bad is not None:
+                raise ValueError(f"the CRC-32 of {bad} does not match its bytes")
+            f.seek(0)
+            ckpt = torch.load(f, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001  -- any unreadable file gets the same one-line answer
         reason = " ".join(str(e).split())[:120] or "no message"
         raise RunError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); it is truncated or "
@@ -175,12 +207,12 @@ def is_image_run(config):
     return len(config["shape"]) == 3  # (C, H, W); the 2-D sets have shape (2,)
 
 
-def draw_samples(model, config, n, generator, progress=False, batch_size=None):
+def draw_samples(model, config, n, generator, progress=False, batch_size=None, callback=None):
     """n samples (n, *shape) of the run's annealed Langevin sampler (notes §9), clamped to its data range."""
     device = next(model.parameters()).device
     return ncsn.sample(model, (n, *config["shape"]), torch.tensor(config["sigmas"], device=device),
                        config["n_steps_each"], config["step_size"], generator=generator, progress=progress,
-                       data_range=tuple(config["data_range"]), batch_size=batch_size)
+                       data_range=tuple(config["data_range"]), batch_size=batch_size, callback=callback)
 
 
 def append_metrics(out_dir, record):
@@ -190,20 +222,25 @@ def append_metrics(out_dir, record):
 
 
 def cut_metrics(out_dir, step):
-    """Drop the lines of metrics.jsonl after `step` (those a resumed run is about to write again), atomically; a
-    line cut short by a crash goes too."""
+    """Drop the lines of metrics.jsonl after `step` (those a resumed run is about to write again; all of them for
+    step 0), atomically; a line cut short by a crash goes too. Returns how many lines were dropped."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        return
-    kept = []
+        return 0
+    kept, dropped = [], 0
     with open(path) as f:
         for line in f:
             try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
+                keep = json.loads(line)["step"] <= step
             except (ValueError, KeyError, TypeError):
-                pass
-    save_atomic(lambda f: f.write("".join(kept).encode()), path)
+                keep = False
+            if keep:
+                kept.append(line.rstrip("\n") + "\n")  # a last line without its newline gets one
+            else:
+                dropped += 1
+    if dropped:
+        save_atomic(lambda f: f.write("".join(kept).encode()), path)
+    return dropped
 
 
 def _pyplot():

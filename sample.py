@@ -11,6 +11,7 @@ and 2-D points as float32.
 """
 import argparse
 import os
+import signal
 import sys
 
 import numpy as np
@@ -99,13 +100,23 @@ def sample(args):
     return path
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: one line, and no file half written
     try:
         sample(args)
     except RunError as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        print(f"sample.py: interrupted by {signal.Signals(signum).name} (each file is written whole or not at all)",
+              file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -141,17 +141,39 @@ def parse_args(argv=None):
 # Devices and processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain run is rank 0 of 1.
 # ----------------------------------------------------------------------------------------------------------------
 def setup_device(name):
+    """(device, rank, world size, control): control is the process group of the small CPU messages between ranks
+    (errors, a stop), gloo beside nccl so that they never wait for the GPU; None in a single process."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = runs.pick_device(name)
+    device, control = runs.pick_device(name), None
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world
+        control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    return device, rank, world, control
 
 
-def take_out_dir(out_dir, rank, world, device):
+class Stopped(RunError):
+    """This rank stops because another one met an error, which that one prints."""
+
+
+def agree(error, control):
+    """Under torchrun, an error that only some ranks met (a file that rank 0 alone writes, one machine's data) stops
+    every rank: the lowest rank that met it prints it, the others stop quietly. Raises; returns if no rank met one."""
+    if control is None:  # a single process
+        if error is not None:
+            raise error
+        return
+    failed = torch.zeros(dist.get_world_size())
+    failed[dist.get_rank()] = float(error is not None)
+    dist.all_reduce(failed, group=control)
+    if failed.any():
+        first = int(failed.nonzero()[0])
+        raise RankError(str(error)) if dist.get_rank() == first else Stopped(f"rank {first} met an error")
+
+
+def take_out_dir(out_dir, rank, control):
     """Rank 0 creates the out-dir, proves it writable, locks it for this run and clears a crash's leftovers
     (runs.prepare_out_dir), before any work; every rank learns whether that worked. Returns the lock's file."""
     lock, error = None, None
@@ -160,14 +182,26 @@ def take_out_dir(out_dir, rank, world, device):
             lock = runs.prepare_out_dir(out_dir)
         except RunError as e:
             error = e
-    if world > 1:
-        ok = torch.tensor(float(error is None), device=device)
-        dist.broadcast(ok, 0)
-        if not ok:
-            error = error or RunError(f"rank 0 could not use --out-dir {out_dir}")
-    if error is not None:
-        raise error
+    agree(error, control)
     return lock
+
+
+def read_checkpoint(path, device, control):
+    """The checkpoint to resume from (runs.load_checkpoint), read by every rank, or None where there is none; then
+    metrics.jsonl holds no line of a run that left no checkpoint (a kill before the first one, a file moved away)."""
+    ckpt, error = None, None
+    try:
+        ckpt = runs.load_checkpoint(path, device) if os.path.exists(path) else None
+    except RunError as e:
+        error = e
+    agree(error, control)
+    if ckpt is None and is_first_rank(control) and runs.cut_metrics(os.path.dirname(path), 0):
+        print("note: metrics.jsonl held the lines of an earlier run without a checkpoint; they are dropped")
+    return ckpt
+
+
+def is_first_rank(control):
+    return control is None or dist.get_rank() == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,7 +275,7 @@ def resolve_config(args, identity, train_data, device, saved, is_main):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: image sets live on the device as uint8 and are augmented there; 2-D sets are generated on the device.
 # ----------------------------------------------------------------------------------------------------------------
-def load_images(dataset, data_dir):
+def load_images(dataset, data_dir, control):
     """(N, C, H, W) uint8 on the CPU; the first process of each machine downloads, the others wait and read it."""
     load = data.load_cifar10 if dataset == "cifar10" else data.load_mnist
     is_first = int(os.environ.get("LOCAL_RANK", 0)) == 0
@@ -252,22 +286,21 @@ def load_images(dataset, data_dir):
         except data.DataError as e:  # reach the barrier first, so that no other rank waits forever
             error = e
     if dist.is_initialized():
-        dist.barrier()
-    if error is not None:
-        raise RankError(str(error))
+        dist.barrier(group=control)
     if not is_first:
         try:
             images = load(data_dir, train=True, download=False, progress=False)
         except data.DataError as e:
-            raise RankError(str(e)) from None
+            error = e
+    agree(RunError(str(error)) if error is not None else None, control)
     return images
 
 
-def training_data(identity, data_dir):
+def training_data(identity, data_dir, control):
     """The training set: uint8 images (N, C, H, W), or 10000 points of a 2-D set (only their shape and spread are
     used: the loop draws fresh ones)."""
     if identity["dataset"] in IMAGE_SETS:
-        return load_images(identity["dataset"], data_dir)
+        return load_images(identity["dataset"], data_dir, control)
     return data.TOY_SETS[identity["dataset"]](10_000, generator=torch.Generator().manual_seed(identity["seed"]))
 
 
@@ -452,11 +485,23 @@ def kept_checkpoint(out_dir):
 STOP = {"signal": 0}  # the first SIGINT or SIGTERM asks the run to stop after its current step
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends the run at once (before the loop, or a second Ctrl-C): main() says so in one line."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
 def on_signal(signum, frame):
-    """SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption notice): finish the step, checkpoint, exit. A second Ctrl-C
-    stops at once; further SIGTERMs change nothing (torchrun forwards a Ctrl-C to its workers as SIGTERM)."""
+    """SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption notice) in the loop: finish the step, checkpoint, exit. A
+    second Ctrl-C stops at once; further SIGTERMs change nothing (a scheduler may send more than one)."""
     if STOP["signal"] and signum == signal.SIGINT:
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
     if not STOP["signal"] and int(os.environ.get("RANK", 0)) == 0:
         tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint (Ctrl-C again to "
                    "stop at once)", file=sys.stderr)
@@ -470,14 +515,17 @@ def catch_stop_signals():
     return 0
 
 
-def stop_signal(world, device):
-    """The signal that asked this run to stop, or 0: the same on every rank (a small all-reduce per step under
-    torchrun, so that all stop after the same step)."""
-    if world == 1:
+def stop_signal(control):
+    """The signal that asked this run to stop, or 0: the same on every rank, so that all stop after the same step
+    (under torchrun a small all-reduce per step, on the CPU: it never waits for the GPU)."""
+    if control is None:
         return STOP["signal"]
-    signum = torch.tensor(STOP["signal"], device=device)
-    dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    signum = torch.tensor(STOP["signal"])
+    dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=control)
     return int(signum)
+
+
+
 
 
 def log_metrics(step, losses, band_stats, band_names, seconds, config, rank, world, bar, out_dir):
@@ -514,38 +562,67 @@ def report(line, bar, out_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and sample figures
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(path, model, ema, optimizer, step, config, generators, losses, band_stats, rank, world, device):
+def save_checkpoint(path, model, ema, optimizer, step, config, generators, losses, band_stats, device, control):
     """Write {model, ema, optimizer, step, config, rng, interval} atomically (rank 0), once the weights are known to
     be finite; every rank takes part, since the random streams and the losses not yet in a metrics line of all of
-    them are saved."""
+    them are saved, and every rank learns whether the write worked."""
     finite = torch.stack([p.isfinite().all() for m in (model, ema.module) for p in m.parameters()]).all().float()
-    if world > 1:
+    if control is not None:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite:
         raise RunError(f"the weights are not finite after step {step}; stopping before they are saved "
                        f"({kept_checkpoint(os.path.dirname(path))}); try a lower --lr")
-    mine = (rng_state(generators, device),
-            dict(losses=torch.stack(losses).cpu() if losses else torch.zeros(0), band_stats=band_stats.cpu()))
-    gathered = [None] * world
-    if world > 1:
-        dist.all_gather_object(gathered, mine)
-    else:
-        gathered = [mine]
-    if rank == 0:
+    gathered = [(rng_state(generators, device),
+                 dict(losses=torch.stack(losses).cpu() if losses else torch.zeros(0), band_stats=band_stats.cpu()))]
+    if control is not None:
+        gathered = gathered + [None] * (dist.get_world_size() - 1)
+        dist.all_gather_object(gathered, gathered[0], group=control)
+    error = None
+    if is_first_rank(control):
         state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
                      config=config, rng=[rng for rng, _ in gathered], interval=[interval for _, interval in gathered])
-        runs.save_atomic(lambda f: torch.save(state, f), path)
+        try:
+            runs.save_atomic(lambda f: torch.save(state, f), path)
+        except RunError as e:
+            error = e
+    agree(error, control)
+
+
+def sample_figure(model, config, step, out_dir, generator, control):
+    """Rank 0 draws the figure of this step (write_samples) while the others wait; a failure stops every rank."""
+    error = None
+    if is_first_rank(control):
+        try:
+            write_samples(model, config, step, out_dir, generator)
+        except RunError as e:
+            error = e
+    agree(error, control)
+
+
+class Abandoned(Exception):
+    """A sample figure given up because the run is stopping."""
+
+
+def abandon_if_stopping(done, total):
+    """ncsn.sample's callback in a sample figure: a signal abandons the figure, which could outlast a grace period."""
+    if STOP["signal"]:
+        raise Abandoned
 
 
 def write_samples(model, config, step, out_dir, generator):
     """Rank 0: a figure of samples from the EMA model in <out_dir>/samples/; for 2-D data also the quality numbers
     (data.toy_quality: MMD, and for gmm the mode weights and the Fisher divergence at three sigmas), printed and
-    appended to metrics.jsonl."""
+    appended to metrics.jsonl. A signal meanwhile abandons it (the quality generator is then left untouched)."""
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
     path = os.path.join(out_dir, "samples", f"step_{step:07d}.png")
     device = next(model.parameters()).device
     generator_of_step = torch.Generator(device).manual_seed(config["seed"] + step)
-    samples = runs.draw_samples(model, config, config["n_grid"], generator_of_step, progress=True)
+    try:
+        samples = runs.draw_samples(model, config, config["n_grid"], generator_of_step, progress=True,
+                                    callback=abandon_if_stopping)
+    except Abandoned:
+        tqdm.write(f"the sample figure of step {step} is abandoned: the run is stopping", file=sys.stderr)
+        return
     if runs.is_image_run(config):
         runs.save_grid(samples, path)
         return
@@ -566,9 +643,13 @@ def announce(config, model, world, device, out_dir):
           f"{config['objective']}, {world} process(es) on {device}, writing to {out_dir}")
 
 
-def finish(model, ema, step, stopping, ckpt_path, lock, rank, world):
-    """The end of a run, finished or stopped by a signal: the ranks must agree, the out-dir is released, and rank 0
-    says where things stand. Returns the signal that stopped the run, or 0."""
+def finish(model, ema, step, stopping, ckpt_path, lock, config, rank, world):
+    """The end of a run, finished or stopped by a signal: signals end the process at once again, the ranks must
+    agree, the out-dir is released, and rank 0 says where things stand. Returns the signal that stopped the run
+    before its last step, or 0."""
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    stopping = stopping if step < config["steps"] else 0  # a stop at the last step is the end of the run
     if world > 1:
         check_ranks_agree(model, ema, world, rank)
     if lock is not None:
@@ -599,14 +680,14 @@ def check_ranks_agree(model, ema, world, rank):
 def train(args):
     """Train until --steps; returns 0, or the signal (SIGINT, SIGTERM) that stopped the run at a checkpoint."""
     # Devices, the out-dir (this run's alone from here on), the checkpoint to resume from, the settings.
-    device, rank, world = setup_device(args.device)
+    device, rank, world, control = setup_device(args.device)
     is_main = rank == 0
-    lock = take_out_dir(args.out_dir, rank, world, device)  # held until the run ends
+    lock = take_out_dir(args.out_dir, rank, control)  # held until the run ends
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
-    ckpt = runs.load_checkpoint(ckpt_path, device) if os.path.exists(ckpt_path) else None
+    ckpt = read_checkpoint(ckpt_path, device, control)
     saved = ckpt["config"] if ckpt is not None else {}
     identity = run_identity(args, saved)
-    train_data = training_data(identity, args.data_dir)
+    train_data = training_data(identity, args.data_dir, control)
 
     # Model, EMA, optimiser. They start identical on every rank (same seed); each rank then draws its own data, noise
     # and dropout, and DDP all-reduces the gradients, so the weights and the EMA stay identical everywhere.
@@ -668,7 +749,7 @@ def train(args):
                                                                           torch.ones_like(per_example)]))
 
             # Check: before anything of this interval is written, stop on a non-finite loss.
-            stopping = stop_signal(world, device)
+            stopping = stop_signal(control)
             events = due(step, config, stopping)
             if events["check"]:
                 check_finite(losses[checked:], step, world, args.out_dir)
@@ -684,30 +765,33 @@ def train(args):
             # time is not training time).
             if events["ckpt"] or events["sample"]:
                 seconds += time.perf_counter() - since
-                if events["sample"] and is_main:
-                    write_samples(ema.module, config, step, args.out_dir, generators["quality"])
-                if events["sample"] and world > 1:
-                    dist.barrier()
+                if events["sample"]:
+                    sample_figure(ema.module, config, step, args.out_dir, generators["quality"], control)
                 if events["ckpt"]:
                     save_checkpoint(ckpt_path, model, ema, optimizer, step, config, generators, losses, band_stats,
-                                    rank, world, device)
+                                    device, control)
                 since = time.perf_counter()
-    return finish(model, ema, step, stopping, ckpt_path, lock, rank, world)
+    return finish(model, ema, step, stopping, ckpt_path, lock, config, rank, world)
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
+    signal.signal(signal.SIGTERM, interrupt)  # before the loop, SIGTERM ends the run at once, as Ctrl-C does
     try:
         stopped_by = train(args)
-    except RunError as e:  # under torchrun, printed once, unless it is some ranks' own
+    except Stopped:  # another rank met an error and prints it
+        sys.exit(1)
+    except RunError as e:  # under torchrun, printed once: by rank 0, or by the rank that met it alone
         if rank == 0 or isinstance(e, RankError):
             print(f"train.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C in it
+    except KeyboardInterrupt as e:  # before the loop, or a second Ctrl-C in it
+        signum = getattr(e, "signum", signal.SIGINT)
         if rank == 0:
-            print(f"train.py: interrupted; {kept_checkpoint(args.out_dir)}", file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGINT)
+            print(f"train.py: interrupted by {signal.Signals(signum).name}; {kept_checkpoint(args.out_dir)}",
+                  file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
     finally:  # after train() has returned and its DDP wrapper is gone, so that nothing outlives the process group
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -399,6 +399,32 @@ def test_sample_range_shape_determinism_and_mode():
     assert not ncsn.sample(model, (2, 1, 8, 8), sigmas, 1, 1e-3).requires_grad
 
 
+def test_sample_returns_nan_for_chains_that_diverge_and_stops_when_its_callback_raises():
+    """A chain that blows up comes back NaN, not clamped onto the box's edge where it would pass for a sample; the
+    callback sees every network evaluation, (done, total), and an exception it raises ends the sampling."""
+    sigmas = ncsn.geometric_sigmas(1.0, 0.1, 3)
+    first_row = torch.tensor([[True], [False]])
+    x = ncsn.sample(lambda y, s: torch.where(first_row, 1e38, -y), (2, 2), sigmas, 2, 1.0, data_range=(-1.0, 1.0))
+    assert x[0].isnan().all()  # inf, or inf - inf along the way: NaN either way, never the edge +-1
+    assert x[1].isfinite().all() and x[1].abs().max() <= 1  # the chain that stayed finite, clamped as before
+    seen = []
+    ncsn.sample(lambda y, s: -y, (4, 2), sigmas, 2, 1e-3, batch_size=2, callback=lambda done, total: seen.append(
+        (done, total)), data_range=(-1.0, 1.0))
+    assert seen == [(k, 2 * (3 * 2 + 1)) for k in range(1, 15)]
+
+    class Enough(Exception):
+        pass
+
+    def stop_at_5(done, total):
+        if done == 5:
+            raise Enough
+
+    calls = []
+    with pytest.raises(Enough):
+        ncsn.sample(lambda y, s: calls.append(1) or -y, (2, 2), sigmas, 2, 1e-3, callback=stop_at_5)
+    assert len(calls) == 5
+
+
 # ---- end to end: the two-mode mixture of notes §7 ------------------------------------------------------------
 
 def test_trained_mlp_recovers_the_mode_weights():
