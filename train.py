@@ -544,11 +544,11 @@ def log_metrics(step, losses, band_stats, band_names, seconds, config, rank, wor
 
 
 def unlogged_losses(interval, n_bands, device):
-    """The losses since the last metrics line (0-d tensors on the device) and their band sums and counts (2, n_bands):
-    a checkpoint's `interval` of this rank on resume, else none."""
+    """The losses since the last metrics line (0-d tensors on the device), their band sums and counts (2, n_bands),
+    and the seconds they took: a checkpoint's `interval` of this rank on resume, else none."""
     if interval is None:
-        return [], torch.zeros(2, n_bands, device=device)
-    return list(interval["losses"].to(device).unbind()), interval["band_stats"].to(device)
+        return [], torch.zeros(2, n_bands, device=device), 0.0
+    return list(interval["losses"].to(device).unbind()), interval["band_stats"].to(device), interval["seconds"]
 
 
 def report(line, bar, out_dir):
@@ -562,7 +562,8 @@ def report(line, bar, out_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and sample figures
 # ----------------------------------------------------------------------------------------------------------------
-def save_checkpoint(path, model, ema, optimizer, step, config, generators, losses, band_stats, device, control):
+def save_checkpoint(path, model, ema, optimizer, step, config, generators, losses, band_stats, seconds, device,
+                    control):
     """Write {model, ema, optimizer, step, config, rng, interval} atomically (rank 0), once the weights are known to
     be finite; every rank takes part, since the random streams and the losses not yet in a metrics line of all of
     them are saved, and every rank learns whether the write worked."""
@@ -572,8 +573,8 @@ def save_checkpoint(path, model, ema, optimizer, step, config, generators, losse
     if not finite:
         raise RunError(f"the weights are not finite after step {step}; stopping before they are saved "
                        f"({kept_checkpoint(os.path.dirname(path))}); try a lower --lr")
-    gathered = [(rng_state(generators, device),
-                 dict(losses=torch.stack(losses).cpu() if losses else torch.zeros(0), band_stats=band_stats.cpu()))]
+    gathered = [(rng_state(generators, device), dict(losses=torch.stack(losses).cpu() if losses else torch.zeros(0),
+                                                     band_stats=band_stats.cpu(), seconds=seconds))]
     if control is not None:
         gathered = gathered + [None] * (dist.get_world_size() - 1)
         dist.all_gather_object(gathered, gathered[0], group=control)
@@ -720,13 +721,13 @@ def train(args):
     sigmas = torch.tensor(config["sigmas"], device=device)
     local_batch = config["batch_size"] // world
     band_of_level, band_names = sigma_bands(config["sigmas"], device)
-    losses, band_stats = unlogged_losses(interval, len(band_names), device)
+    losses, band_stats, seconds = unlogged_losses(interval, len(band_names), device)
     checked = len(losses)  # how many of them are known to be finite
     if is_main:
         announce(config, model, world, device, args.out_dir)
 
     # The loop. The bar shows on a terminal only (disable=None), on rank 0; it closes before any error is printed.
-    seconds, since = 0.0, time.perf_counter()  # training time since the last metrics line, and since when
+    since = time.perf_counter()  # seconds: the training time of the losses since the last metrics line; since when
     stopping = catch_stop_signals()  # from here a signal asks for a checkpoint and a clean exit after the step
     with tqdm(total=config["steps"], initial=step, disable=None if is_main else True, dynamic_ncols=True,
               desc="train") as bar:
@@ -748,7 +749,7 @@ def train(args):
             band_stats.index_add_(1, band_of_level[levels], torch.stack([per_example.detach(),
                                                                           torch.ones_like(per_example)]))
 
-            # Check: before anything of this interval is written, stop on a non-finite loss.
+            # Check: a stop that a signal asked for; a non-finite loss, before anything of this interval is written.
             stopping = stop_signal(control)
             events = due(step, config, stopping)
             if events["check"]:
@@ -769,7 +770,7 @@ def train(args):
                     sample_figure(ema.module, config, step, args.out_dir, generators["quality"], control)
                 if events["ckpt"]:
                     save_checkpoint(ckpt_path, model, ema, optimizer, step, config, generators, losses, band_stats,
-                                    device, control)
+                                    seconds, device, control)
                 since = time.perf_counter()
     return finish(model, ema, step, stopping, ckpt_path, lock, config, rank, world)
 
