@@ -781,22 +781,28 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, interrupt)  # before the loop, SIGTERM ends the run at once, as Ctrl-C does
     try:
         stopped_by = train(args)
+        status = 128 + stopped_by if stopped_by else 0
     except Stopped:  # another rank met an error and prints it
-        sys.exit(1)
+        status = 1
     except RunError as e:  # under torchrun, printed once: by rank 0, or by the rank that met it alone
         if rank == 0 or isinstance(e, RankError):
             print(f"train.py: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        status = 1
     except KeyboardInterrupt as e:  # before the loop, or a second Ctrl-C in it
         signum = getattr(e, "signum", signal.SIGINT)
         if rank == 0:
             print(f"train.py: interrupted by {signal.Signals(signum).name}; {kept_checkpoint(args.out_dir)}",
                   file=sys.stderr, flush=True)
-        sys.exit(128 + signum)
-    finally:  # after train() has returned and its DDP wrapper is gone, so that nothing outlives the process group
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    sys.exit(128 + stopped_by if stopped_by else 0)
+        status = 128 + signum
+    if dist.is_initialized():  # after train() has returned and its DDP wrapper is gone
+        dist.destroy_process_group()
+        # gloo's threads can still hold tensors that the interpreter's finalisation then frees without the GIL, an
+        # abort ("terminate called without an active exception") in about one exit in five under load: a process of
+        # torchrun leaves at once, its output flushed, its files already closed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
