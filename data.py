@@ -337,14 +337,16 @@ def mmd(a, b, bandwidths=(0.1, 0.3, 1.0, 3.0)):
 def toy_quality(dataset, samples, generator, score_fn=None, sigmas=()):
     """Numbers that say how good samples (n, 2) of a 2-D set are: the MMD to as many fresh points (NaN if a chain
     diverged); for gmm also the weight of each mode (by the sign of x1 + x2), the fraction of diverged chains, and,
-    given score_fn(x, sigma), its exact Fisher divergence 1/2 E|s(x, sigma) - grad log q_sigma(x)|^2 at each sigma."""
+    given score_fn(x, sigma), its exact Fisher divergence 1/2 E|s(x, sigma) - grad log q_sigma(x)|^2 at the largest,
+    a middle and the smallest of the descending `sigmas` (a run's levels)."""
     fresh = TOY_SETS[dataset](len(samples), generator=generator, device=samples.device)  # (n, 2)
     quality = {"mmd": mmd(samples.float(), fresh)}
     if dataset == "gmm":
         side = samples.sum(1)  # < 0 near (-5,-5), > 0 near (5,5); NaN where a chain diverged
         quality["mode_weights"] = [float((side < 0).float().mean()), float((side >= 0).float().mean())]
         quality["diverged"] = float(side.isnan().float().mean())
-        for sigma in sigmas if score_fn is not None else ():
+        levels = (sigmas[0], sigmas[len(sigmas) // 2], sigmas[-1]) if score_fn is not None and len(sigmas) else ()
+        for sigma in levels:
             x = fresh + sigma * torch.randn(fresh.shape, generator=generator, device=fresh.device)  # x~ ~ q_sigma
             s = torch.full((len(x),), sigma, device=x.device)  # (n,)
             fisher = 0.5 * (score_fn(x, s).float() - gmm_noisy_score(x, s)).square().sum(1).mean()

@@ -209,14 +209,15 @@ def sample(model, shape, sigmas, n_steps_each, step_size, denoise=True, generato
                 x = low + (high - low) * torch.rand((m, *event_shape), generator=generator, device=device,
                                                     dtype=dtype)  # (m, *event_shape), uniform prior
                 chunks.append(annealed_langevin_dynamics(model, x, sigmas, step_size, n_steps_each, denoise=denoise,
-                                                         generator=generator,
-                                                         callback=evaluated))
+                                                         generator=generator, callback=evaluated))
     finally:
         if was_training:
             model.train()
     x = torch.cat(chunks)  # (N, *event_shape)
-    # Clamped to the data range; a chain that diverged (inf or NaN) comes back NaN, not as a point on the box's edge.
-    return torch.where(x.isfinite(), x.clamp(low, high), torch.nan)
+    # Clamped to the data range; a chain that diverged (inf or NaN anywhere) comes back all NaN, not as a point on
+    # the box's edge.
+    finite = x.flatten(1).isfinite().all(1)  # (N,)
+    return torch.where(_expand_like(finite, x), x.clamp(low, high), torch.nan)
 
 
 # ---- §10: NCSNv2's techniques 1, 2 and 4 -----------------------------------------------------------------------

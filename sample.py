@@ -90,9 +90,8 @@ def sample(args):
         reference = data.TOY_SETS[config["dataset"]](shown, generator=torch.Generator(device).manual_seed(1),
                                                      device=device)
         runs.save_scatter(samples[:shown], reference, figure, f"{config['dataset']}: {args.n_samples} samples")
-        sigmas = config["sigmas"]
         quality = data.toy_quality(config["dataset"], samples[:shown], torch.Generator(device).manual_seed(2),
-                                   score_fn=model, sigmas=(sigmas[0], sigmas[len(sigmas) // 2], sigmas[-1]))
+                                   score_fn=model, sigmas=config["sigmas"])
         print(f"{shown} samples against as many fresh points: {data.format_quality(quality)}")
     path = os.path.join(out_dir, "samples.npz")
     runs.save_atomic(lambda f: np.savez(f, array), path)

@@ -173,11 +173,11 @@ def agree(error, control):
         raise RankError(str(error)) if dist.get_rank() == first else Stopped(f"rank {first} met an error")
 
 
-def take_out_dir(out_dir, rank, control):
+def take_out_dir(out_dir, control):
     """Rank 0 creates the out-dir, proves it writable, locks it for this run and clears a crash's leftovers
     (runs.prepare_out_dir), before any work; every rank learns whether that worked. Returns the lock's file."""
     lock, error = None, None
-    if rank == 0:
+    if is_first_rank(control):
         try:
             lock = runs.prepare_out_dir(out_dir)
         except RunError as e:
@@ -525,9 +525,6 @@ def stop_signal(control):
     return int(signum)
 
 
-
-
-
 def log_metrics(step, losses, band_stats, band_names, seconds, config, rank, world, bar, out_dir):
     """The metrics of the steps since the last line, averaged over the ranks (band_stats: (2, n_bands), the sums of
     the per-example losses in each band and their counts); rank 0 shows them and appends them to metrics.jsonl."""
@@ -629,16 +626,13 @@ def write_samples(model, config, step, out_dir, generator):
         return
     reference = data.TOY_SETS[config["dataset"]](config["n_grid"], generator=generator, device=device)
     runs.save_scatter(samples, reference, path, f"{config['dataset']}, step {step}")
-    sigmas = config["sigmas"]
-    quality = data.toy_quality(config["dataset"], samples, generator, score_fn=model,
-                               sigmas=(sigmas[0], sigmas[len(sigmas) // 2], sigmas[-1]))
+    quality = data.toy_quality(config["dataset"], samples, generator, score_fn=model, sigmas=config["sigmas"])
     tqdm.write(f"step {step}: {data.format_quality(quality)}")
     runs.append_metrics(out_dir, dict(step=step, **quality))
 
 
 def announce(config, model, world, device, out_dir):
-    """Rank 0: create the out-dir and say what is about to run, in one line."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Rank 0: say what is about to run, in one line."""
     print(f"{config['dataset']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
           f"{len(config['sigmas'])} sigmas {config['sigmas'][0]:.3g} -> {config['sigmas'][-1]:.3g}, objective "
           f"{config['objective']}, {world} process(es) on {device}, writing to {out_dir}")
@@ -683,7 +677,7 @@ def train(args):
     # Devices, the out-dir (this run's alone from here on), the checkpoint to resume from, the settings.
     device, rank, world, control = setup_device(args.device)
     is_main = rank == 0
-    lock = take_out_dir(args.out_dir, rank, control)  # held until the run ends
+    lock = take_out_dir(args.out_dir, control)  # held until the run ends
     ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
     ckpt = read_checkpoint(ckpt_path, device, control)
     saved = ckpt["config"] if ckpt is not None else {}
