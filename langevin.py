@@ -13,6 +13,10 @@ above at each noise level sigma_1 > ... > sigma_L of a noise-conditional score s
 with step alpha_i = step_size * sigma_i^2 / sigma_L^2, then [Song & Ermon 2020] one denoising step
 x + sigma_L^2 s(x, sigma_L) (Tweedie's formula: E[x_0 | x] for x = x_0 + sigma_L z).
 
+Two tasks of the papers run the same chain: inpainting [Song & Ermon 2019, Figure 6] holds the known entries at
+fresh draws of their noisy versions, so the free ones follow the conditional; interpolation [Song & Ermon 2020]
+runs chains from one start whose noise turns from one stream to another, cos(a) z_p + sin(a) z_q.
+
 `python langevin.py` redraws Figure 3 of [Song & Ermon 2019] (§7) with the exact scores of
 p = 1/5 N((-5, -5), I) + 4/5 N((5, 5), I) and of the authors' annealed versions of it (the mixture whose modes have
 standard deviation sigma, for sigma = 20 -> 1): Langevin keeps the wrong mode weights, annealed Langevin recovers
@@ -23,9 +27,9 @@ import math
 import torch
 
 
-def _check_chain(step_size, n_steps, n_steps_name, x, generator, noise, total_steps):
-    """The checks both samplers share; returns step_size as a float. A pre-drawn noise tensor must hold one standard
-    normal draw per step: shape (total_steps, *x.shape)."""
+def _check_chain(step_size, n_steps, n_steps_name, generator, noise, noise_shape):
+    """The checks every sampler here shares; returns step_size as a float. A pre-drawn noise tensor must hold
+    standard normal draws of shape noise_shape (one draw of x's shape per step, for the plain samplers)."""
     step_size = float(step_size)
     if not (step_size > 0 and math.isfinite(step_size)):
         raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
@@ -33,9 +37,8 @@ def _check_chain(step_size, n_steps, n_steps_name, x, generator, noise, total_st
         raise ValueError(f"{n_steps_name} must be >= 0, got {n_steps}")
     if noise is not None and generator is not None:
         raise ValueError("pass either generator or noise, not both")
-    if noise is not None and noise.shape != (total_steps, *x.shape):
-        raise ValueError(f"noise must have shape {(total_steps, *x.shape)} (one draw per step), "
-                         f"got {tuple(noise.shape)}")
+    if noise is not None and noise.shape != noise_shape:
+        raise ValueError(f"noise must have shape {tuple(noise_shape)}, got {tuple(noise.shape)}")
     return step_size
 
 
@@ -54,7 +57,7 @@ def langevin_dynamics(score_fn, x, step_size, n_steps, generator=None, noise=Non
         current x; x is updated in place afterwards, so clone it to keep it.
     Returns x after n_steps steps, same shape as the input.
     """
-    step_size = _check_chain(step_size, n_steps, "n_steps", x, generator, noise, n_steps)
+    step_size = _check_chain(step_size, n_steps, "n_steps", generator, noise, (n_steps, *x.shape))
 
     half_step, sqrt_step = step_size / 2, math.sqrt(step_size)
     x = x.clone()  # the working copy, updated in place below
@@ -105,7 +108,8 @@ def annealed_langevin_dynamics(score_fn, x, sigmas, step_size, n_steps_each, den
     Returns the samples, same shape as x.
     """
     sigmas = _as_sigma_list(sigmas)
-    step_size = _check_chain(step_size, n_steps_each, "n_steps_each", x, generator, noise, len(sigmas) * n_steps_each)
+    step_size = _check_chain(step_size, n_steps_each, "n_steps_each", generator, noise,
+                            (len(sigmas) * n_steps_each, *x.shape))
 
     sigma_last = sigmas[-1]
     x = x.clone()  # the working copy, updated in place below
@@ -127,6 +131,127 @@ def annealed_langevin_dynamics(score_fn, x, sigmas, step_size, n_steps_each, den
         if callback is not None:
             callback(step, x)
     return x
+
+
+def _broadcast_to(t, x, name):
+    """t as a tensor of x's dtype and device that broadcasts against x without changing x's shape."""
+    t = torch.as_tensor(t, device=x.device)
+    try:
+        if torch.broadcast_shapes(t.shape, x.shape) == x.shape:
+            return t
+    except RuntimeError:
+        pass
+    raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast against x of shape {tuple(x.shape)}")
+
+
+@torch.no_grad()
+def annealed_langevin_inpainting(score_fn, x, known, mask, sigmas, step_size, n_steps_each, denoise=True,
+                                 generator=None, noise=None, callback=None):
+    """Inpainting by annealed Langevin dynamics [Song & Ermon 2019, Section 6 and Figure 6]: Algorithm 1 in which,
+    before every update at level i, the known entries (mask == 1) are set to known + sigma_i z, with a fresh z.
+
+    At level i the chain then runs on q_sigma_i with the known entries held at a draw of their own noisy version, so
+    the free entries follow q_sigma_i(x_free | x_known) with x_known ~ N(known, sigma_i^2 I): the noised conditional,
+    which becomes the data's p(x_free | x_known = known) as sigma_i -> 0. Drawing x_known anew at every step, not once
+    per level, is the NCSN authors' code (NCSNv2 `anneal_Langevin_dynamics_inpainting`). With denoise, the known
+    entries are re-noised at sigma_L once more before the denoising step x + sigma_L^2 s(x, sigma_L), the posterior mean
+    of the free entries. The result holds `known` exactly where mask == 1.
+
+    score_fn, sigmas, step_size, n_steps_each, denoise, generator, callback: as in annealed_langevin_dynamics (the
+        step at level i is alpha_i = step_size sigma_i^2 / sigma_L^2, the update x + alpha_i/2 s + sqrt(alpha_i) z).
+    x: the starting points (B, *event_shape), e.g. uniform noise; its known entries are replaced before the first
+        update, so only the free ones matter. Not modified.
+    known: the observed values, broadcasting against x (e.g. (B, C, H, W), or one image (1, C, H, W) for every chain);
+        read only where mask == 1.
+    mask: 1 (or True) where the value is known, 0 where it is to be drawn; broadcasts against x: per pixel
+        (B, 1, H, W), per channel and pixel (B, C, H, W), or one mask for all (1, *event_shape).
+    noise: optional pre-drawn standard normal tensor of shape (L * n_steps_each + denoise, 2, *x.shape): before update
+        t the known entries become known + sigma noise[t, 0], and noise[t, 1] is its Langevin noise (the denoising
+        update uses noise[t, 0] only).
+    Returns the completed samples, same shape as x.
+    """
+    sigmas = _as_sigma_list(sigmas)
+    n_updates = len(sigmas) * n_steps_each + bool(denoise)
+    step_size = _check_chain(step_size, n_steps_each, "n_steps_each", generator, noise, (n_updates, 2, *x.shape))
+    known = _broadcast_to(known, x, "known").to(x.dtype)
+    mask = _broadcast_to(mask, x, "mask")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must hold only 0 (to be drawn) and 1 (known)")
+    mask = mask.bool()
+
+    sigma_last = sigmas[-1]
+    x = x.clone()  # the working copy
+    z = torch.empty_like(x) if noise is None else None  # one noise buffer, refilled at every draw
+    updates = [sigma_i for sigma_i in sigmas for _ in range(n_steps_each)] + ([None] if denoise else [])
+    for step, sigma_i in enumerate(updates):  # sigma_i None: the denoising update
+        level = sigma_last if sigma_i is None else sigma_i
+        sigma = torch.full(x.shape[:1], level, dtype=x.dtype, device=x.device)  # (B,)
+        known_noise = z.normal_(generator=generator) if noise is None else noise[step, 0]
+        x = torch.where(mask, known + level * known_noise, x)  # the known entries: a fresh draw of q_sigma_i
+        if sigma_i is None:  # Tweedie's formula, as in annealed_langevin_dynamics
+            x.add_(score_fn(x, sigma), alpha=sigma_last ** 2)
+        else:
+            alpha = step_size * sigma_i ** 2 / sigma_last ** 2
+            x.add_(score_fn(x, sigma), alpha=alpha / 2)
+            x.add_(z.normal_(generator=generator) if noise is None else noise[step, 1], alpha=math.sqrt(alpha))
+        if callback is not None:
+            callback(step, x)
+    return torch.where(mask, known, x)  # the known entries exactly, not their last noisy draw
+
+
+@torch.no_grad()
+def annealed_langevin_interpolation(score_fn, x, sigmas, step_size, n_steps_each, n_interpolations, denoise=True,
+                                    generator=None, noise=None, callback=None):
+    """Interpolation between samples by annealed Langevin dynamics [Song & Ermon 2020, NCSNv2's
+    `anneal_Langevin_dynamics_interpolation`]: from each start x_r, n_interpolations chains of Algorithm 1 whose
+    Langevin noise at every step is cos(a_j) z_p + sin(a_j) z_q, with z_p, z_q two noise streams of the row and
+    a_j = j / (n_interpolations - 1) * pi / 2.
+
+    Since cos^2 + sin^2 = 1 each chain's noise is standard normal, so every chain is a plain sampling chain; chains
+    with nearby angles share their start and nearly all their noise, so their samples change smoothly along the row,
+    from the chain driven by z_p alone (a = 0) to the chain driven by z_q alone (a = pi/2).
+
+    score_fn, sigmas, step_size, n_steps_each, denoise, generator, callback: as in annealed_langevin_dynamics (the
+        score sees all R * n_interpolations chains as one batch).
+    x: the starts, (R, *event_shape), one per row; not modified.
+    n_interpolations: chains per row, >= 2.
+    noise: optional pre-drawn standard normal tensor of shape (L * n_steps_each, 2, *x.shape): noise[t, 0] is z_p and
+        noise[t, 1] is z_q at step t.
+    Returns (R, n_interpolations, *event_shape).
+    """
+    sigmas = _as_sigma_list(sigmas)
+    if n_interpolations < 2:
+        raise ValueError(f"n_interpolations must be >= 2, got {n_interpolations}")
+    step_size = _check_chain(step_size, n_steps_each, "n_steps_each", generator, noise,
+                             (len(sigmas) * n_steps_each, 2, *x.shape))
+
+    rows, event_dims = x.shape[0], [1] * (x.dim() - 1)
+    angles = torch.linspace(0, math.pi / 2, n_interpolations, dtype=torch.float64)
+    cos, sin = angles.cos(), angles.sin()
+    cos[-1] = 0.0  # cos(pi/2) in floating point is 6e-17, not 0: the last chain is driven by z_q alone, exactly
+    cos, sin = (w.to(x.device, x.dtype).reshape(1, -1, *event_dims) for w in (cos, sin))  # (1, N, 1, ..., 1)
+    sigma_last = sigmas[-1]
+    x = x.unsqueeze(1).repeat(1, n_interpolations, *event_dims).flatten(0, 1)  # (R * N, *event_shape), rows shared
+    z = torch.empty(2, rows, *x.shape[1:], dtype=x.dtype, device=x.device) if noise is None else None  # z_p, z_q
+    step = 0
+    for sigma_i in sigmas:
+        alpha = step_size * sigma_i ** 2 / sigma_last ** 2
+        half_alpha, sqrt_alpha = alpha / 2, math.sqrt(alpha)
+        sigma = torch.full(x.shape[:1], sigma_i, dtype=x.dtype, device=x.device)  # (R * N,)
+        for _ in range(n_steps_each):
+            z_p, z_q = z.normal_(generator=generator) if noise is None else noise[step]  # (R, *event_shape) each
+            mixed = z_p.unsqueeze(1) * cos + z_q.unsqueeze(1) * sin  # (R, N, *event_shape)
+            x.add_(score_fn(x, sigma), alpha=half_alpha)
+            x.add_(mixed.flatten(0, 1), alpha=sqrt_alpha)
+            if callback is not None:
+                callback(step, x)
+            step += 1
+    if denoise:
+        sigma = torch.full(x.shape[:1], sigma_last, dtype=x.dtype, device=x.device)
+        x.add_(score_fn(x, sigma), alpha=sigma_last ** 2)
+        if callback is not None:
+            callback(step, x)
+    return x.unflatten(0, (rows, n_interpolations))
 
 
 # ---- Figure 3 of Song & Ermon (2019): the mixture `gmm` of notes §7 ----------------------------------------------

@@ -164,14 +164,18 @@ def progress_bar(total, desc, enabled=True, unit="eval", log_every_s=30.0):
 
 @torch.no_grad()
 def sample(model, shape, sigmas, n_steps_each, step_size, denoise=True, generator=None, progress=False,
-           data_range=(0.0, 1.0), batch_size=None, callback=None):
-    """Annealed Langevin dynamics from the uniform prior (notes §9; Song & Ermon 2019 Algorithm 1, NCSNv2 denoising).
+           data_range=(0.0, 1.0), batch_size=None, callback=None, init=None):
+    """Annealed Langevin dynamics from the uniform prior (notes §9; Song & Ermon 2019 Algorithm 1, NCSNv2 denoising),
+    or from data points plus sigma_1 noise (NCSNv2's data_init).
 
     shape: (N, *event_shape) of the samples; sigmas: descending; step_size: eps, the step at the last level
         (alpha_i = eps sigma_i^2 / sigma_L^2, the paper's update x + alpha/2 s + sqrt(alpha) z; the NCSN authors'
         code uses a step twice as large for the same numbers).
     data_range: (low, high); the chains start uniform on it, and only the returned samples are clamped to it (a chain
         that diverged returns NaN).
+    init: None for the uniform prior; or data points (N, *event_shape) in the model's range, and then chain j starts
+        at init[j] + sigma_1 z (NCSNv2 `data_init`): a draw of q_sigma_1 itself, the law the first level assumes,
+        where the uniform prior only approximates it.
     batch_size: chains run in chunks of this many (all at once when None), each from its own prior draw.
     generator: a torch.Generator on the model's device for the prior and the Langevin noise.
     progress: show the network evaluations done (progress_bar: a bar on a terminal, periodic lines in a log).
@@ -185,6 +189,8 @@ def sample(model, shape, sigmas, n_steps_each, step_size, denoise=True, generato
     if not low < high:
         raise ValueError(f"data_range must be (low, high) with low < high, got {data_range}")
     n, event_shape = shape[0], tuple(shape[1:])
+    if init is not None and tuple(init.shape) != (n, *event_shape):
+        raise ValueError(f"init must have the samples' shape {(n, *event_shape)}, got {tuple(init.shape)}")
     batch_size = batch_size or n
     if n < 1 or batch_size < 1:
         raise ValueError(f"need at least one sample and batch_size >= 1, got shape {tuple(shape)}, "
@@ -206,8 +212,12 @@ def sample(model, shape, sigmas, n_steps_each, step_size, denoise=True, generato
             chunks = []
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)
-                x = low + (high - low) * torch.rand((m, *event_shape), generator=generator, device=device,
-                                                    dtype=dtype)  # (m, *event_shape), uniform prior
+                if init is None:  # (m, *event_shape), uniform prior
+                    x = low + (high - low) * torch.rand((m, *event_shape), generator=generator, device=device,
+                                                        dtype=dtype)
+                else:  # (m, *event_shape), data_init: x + sigma_1 z
+                    x = init[start:start + m].to(device, dtype)
+                    x = x + float(sigmas[0]) * torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
                 chunks.append(annealed_langevin_dynamics(model, x, sigmas, step_size, n_steps_each, denoise=denoise,
                                                          generator=generator, callback=evaluated))
     finally:

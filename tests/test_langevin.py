@@ -1,14 +1,15 @@
 """Tests for langevin.py (notes §6, §7, §9): closed forms of Langevin dynamics on Gaussians, mode weights of the
-two-mode mixture `gmm` and Figure 3, Tweedie's denoising step, and the samplers' contract (seeds, shapes, callbacks,
-bad input)."""
+two-mode mixture `gmm` and Figure 3, Tweedie's denoising step, inpainting as exact conditioning, interpolation's
+noise, and the samplers' contract (seeds, shapes, callbacks, bad input)."""
 import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from langevin import _gmm_score, _mode_statistics, annealed_langevin_dynamics, figure3, langevin_dynamics
+from langevin import (_gmm_score, _mode_statistics, annealed_langevin_dynamics, annealed_langevin_inpainting,
+                      annealed_langevin_interpolation, figure3, langevin_dynamics)
 
 f64 = torch.float64
 
@@ -328,3 +329,173 @@ def test_negative_steps_and_bad_noise_raise():
         annealed_langevin_dynamics(_decay, x, [2.0, 1.0], 0.1, 3, noise=torch.zeros(3, 2, 2))
     with pytest.raises(ValueError, match="either generator or noise"):
         langevin_dynamics(lambda y: -y, x, 0.1, 1, generator=torch.Generator(), noise=torch.zeros(1, 2, 2))
+
+
+# ---- inpainting: annealed Langevin with the known entries re-noised before every update -------------------------
+
+@st.composite
+def conditionings(draw):
+    """N(mu, Sigma) in D = 4..8 dimensions (Sigma = Q diag(lambda) Q^T, a random rotation, lambda in [0.5, 1.5]), a
+    mask with 1..D-1 known coordinates, and their known values within 2 standard deviations of the mean."""
+    d = draw(st.integers(4, 8))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31)))
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=f64))
+    cov = q @ torch.diag(0.5 + torch.rand(d, generator=g, dtype=f64)) @ q.T
+    mu = 2 * torch.randn(d, generator=g, dtype=f64)
+    mask = torch.zeros(d, dtype=f64)
+    mask[torch.randperm(d, generator=g)[:draw(st.integers(1, d - 1))]] = 1.0
+    known = mu + 2 * torch.randn(d, generator=g, dtype=f64)  # read only where mask == 1
+    return mu, cov, mask, known
+
+
+def _gaussian_noisy_score_full(mu, cov):
+    """Exact score of q_sigma = N(mu, Sigma + sigma^2 I): -(x - mu) (Sigma + sigma^2 I)^-1, one inverse per level."""
+    precisions = {}
+
+    def score_fn(x, sigma):
+        level = float(sigma[0])
+        if level not in precisions:
+            precisions[level] = torch.linalg.inv(cov + level ** 2 * torch.eye(len(mu), dtype=cov.dtype))
+        return -(x - mu) @ precisions[level]
+
+    return score_fn
+
+
+def _geometric(sigma_max, sigma_min, n):
+    """n geometric levels from sigma_max down to sigma_min, float64."""
+    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), n, dtype=f64)
+
+
+@settings(max_examples=12)
+@given(problem=conditionings(), denoise=st.booleans())
+def test_inpainting_draws_the_gaussian_conditional(problem, denoise):
+    # The free coordinates u given the known k of N(mu, Sigma) are N(mu_u + S_uk S_kk^-1 (known_k - mu_k),
+    # S_uu - S_uk S_kk^-1 S_ku). Levels 0.14 -> 0.01 with step 0.01 at the last: the chain mixes at the middle level
+    # (18 e-folds in its slowest direction) and the last two levels move the law by O(sigma^2) and ULA's bias
+    # alpha lambda / 4 = 0.5%, both well inside 5 standard errors of 2000 chains.
+    mu, cov, mask, known = problem
+    k, u = mask.bool(), ~mask.bool()
+    mean = mu[u] + cov[u][:, k] @ torch.linalg.solve(cov[k][:, k], known[k] - mu[k])
+    var = cov[u][:, u] - cov[u][:, k] @ torch.linalg.solve(cov[k][:, k], cov[k][:, u])
+    n = 2000
+    g = torch.Generator().manual_seed(0)
+    start = 3 * torch.randn(n, len(mu), generator=g, dtype=f64)
+    sigmas = _geometric(0.14, 0.01, 3)
+    x = annealed_langevin_inpainting(_gaussian_noisy_score_full(mu, cov), start, known, mask, sigmas, 0.01, 400,
+                                     denoise=denoise, generator=g)
+    assert torch.equal(x[:, k], known[k].expand(n, -1))  # the known coordinates exactly, not a noisy draw
+    free = x[:, u]
+    assert ((free.mean(0) - mean).abs() <= 5 * (var.diagonal() / n).sqrt()).all()
+    se = ((torch.outer(var.diagonal(), var.diagonal()) + var ** 2) / n).sqrt()  # of each entry of a sample covariance
+    assert ((torch.cov(free.T) - var).abs() <= 5 * se).all()
+
+
+def _gmm_noisy_score(x, sigma):
+    """Exact score of q_sigma = p * N(0, sigma^2 I): the authors' level sqrt(1 + sigma^2) (unit-variance modes)."""
+    return _gmm_score(x, (1 + sigma ** 2).sqrt())
+
+
+def test_inpainting_one_coordinate_of_the_mixture_picks_its_mode():
+    # Knowing x1 = -5 (the light mode's centre) leaves p(x2 | x1) = N(-5, 1) up to e^-50: every chain must end in the
+    # light mode, which unconditional annealed sampling gives only a fifth of them.
+    n = 2000
+    g = torch.Generator().manual_seed(0)
+    start = torch.rand(n, 2, generator=g) * 16 - 8  # uniform on [-8, 8]^2, as the sampler's prior
+    known, mask = torch.tensor([-5.0, 0.0]), torch.tensor([1.0, 0.0])
+    sigmas = _geometric(20.0, 0.1, 10).float()
+    x = annealed_langevin_inpainting(_gmm_noisy_score, start, known, mask, sigmas, 1e-3, 100, generator=g)
+    assert (x[:, 0] == -5.0).all()
+    assert (x[:, 1] < 0).all()
+    assert abs(x[:, 1].mean().item() + 5) < 5 * math.sqrt(1 / n)
+    free = annealed_langevin_dynamics(_gmm_noisy_score, start, sigmas, 1e-3, 100, generator=g)
+    assert abs((free.sum(1) < 0).float().mean().item() - 0.2) < 5 * math.sqrt(0.2 * 0.8 / n)  # without the known x1
+
+
+def test_inpainting_re_noises_the_known_entries_before_every_update():
+    # What the score sees at update t: known + sigma_i noise[t, 0] where mask == 1; the free entries carry on.
+    seen = []
+
+    def score_fn(x, sigma):
+        seen.append((x.clone(), sigma.clone()))
+        return -x
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g)
+    known, mask = torch.randn(3, 2, 4, 4, generator=g), (torch.rand(3, 1, 4, 4, generator=g) < 0.5).float()
+    sigmas, n_steps_each = [1.0, 0.5], 2
+    noise = torch.randn(len(sigmas) * n_steps_each + 1, 2, *x.shape, generator=g)
+    out = annealed_langevin_inpainting(score_fn, x, known, mask, sigmas, 0.1, n_steps_each, noise=noise)
+    levels = [1.0, 1.0, 0.5, 0.5, 0.5]  # the last: the denoising step, at sigma_L
+    assert len(seen) == len(levels)
+    m = mask.expand_as(x).bool()
+    for t, ((y, sigma), level) in enumerate(zip(seen, levels)):
+        assert sigma.tolist() == [level] * 3
+        torch.testing.assert_close(y[m], (known + level * noise[t, 0])[m], rtol=0, atol=1e-6)
+    # the free entries of the last input, moved by Tweedie's step: y + sigma_L^2 (-y)
+    torch.testing.assert_close(out[~m], (seen[-1][0] * (1 - 0.5 ** 2))[~m])
+    assert torch.equal(out[m], known[m])
+
+
+def test_inpainting_mask_per_pixel_equals_the_mask_per_channel_and_pixel():
+    g = torch.Generator().manual_seed(1)
+    x, known = torch.rand(2, 3, 6, 6, generator=g), torch.rand(2, 3, 6, 6, generator=g)
+    pixel_mask = torch.zeros(1, 1, 6, 6)
+    pixel_mask[..., :3] = 1  # the papers' mask: the left half known, the right half drawn
+    run = lambda mask: annealed_langevin_inpainting(_decay, x, known, mask, [1.0, 0.3], 0.01, 3,  # noqa: E731
+                                                    generator=torch.Generator().manual_seed(2))
+    out = run(pixel_mask)
+    assert torch.equal(out, run(pixel_mask.expand(2, 3, 6, 6).clone()))
+    assert torch.equal(out, run(pixel_mask.bool()))
+    assert torch.equal(out[..., :3], known[..., :3]) and not torch.equal(out[..., 3:], known[..., 3:])
+
+
+@pytest.mark.parametrize("mask, match", [
+    (torch.full((2, 3), 0.5), "only 0"),
+    (torch.ones(3, 2), "does not broadcast"),
+    (torch.ones(2, 2, 3), "does not broadcast"),
+])
+def test_inpainting_refuses_bad_masks(mask, match):
+    with pytest.raises(ValueError, match=match):
+        annealed_langevin_inpainting(_decay, torch.zeros(2, 3), torch.zeros(2, 3), mask, [1.0], 0.1, 1)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        annealed_langevin_inpainting(_decay, torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), [1.0], 0.1, 2,
+                                     noise=torch.zeros(2, 2, 3))
+
+
+# ---- interpolation: chains that share a start and mix two noise streams ----------------------------------------
+
+def test_interpolation_ends_are_the_two_plain_chains_exactly():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g)
+    sigmas, n_steps_each = [2.0, 1.0, 0.5], 4
+    noise = torch.randn(len(sigmas) * n_steps_each, 2, *x.shape, generator=g)
+    out = annealed_langevin_interpolation(_decay, x, sigmas, 0.05, n_steps_each, 5, noise=noise)
+    assert out.shape == (3, 5, 2, 4, 4)
+    assert torch.equal(out[:, 0], annealed_langevin_dynamics(_decay, x, sigmas, 0.05, n_steps_each, noise=noise[:, 0]))
+    assert torch.equal(out[:, -1], annealed_langevin_dynamics(_decay, x, sigmas, 0.05, n_steps_each,
+                                                              noise=noise[:, 1]))
+    still = annealed_langevin_interpolation(_decay, x, sigmas, 0.05, 0, 4, denoise=False)  # no step: the starts
+    assert torch.equal(still, x.unsqueeze(1).expand(-1, 4, -1, -1, -1))
+
+
+def test_interpolation_noise_is_standard_with_correlation_cos_of_the_angle_between_chains():
+    # With a zero score a chain moves by sum_t sqrt(alpha_t) (cos a z_p,t + sin a z_q,t): N(0, sum alpha) for every a,
+    # and two chains of a row at angles a, b have correlation cos(a) cos(b) + sin(a) sin(b) = cos(a - b).
+    n_rows, n_interpolations = 4000, 4
+    x = torch.zeros(n_rows, 1, dtype=f64)
+    sigmas, n_steps_each, step_size = [2.0, 1.0], 3, 0.1
+    out = annealed_langevin_interpolation(lambda y, sigma: torch.zeros_like(y), x, sigmas, step_size, n_steps_each,
+                                          n_interpolations, generator=torch.Generator().manual_seed(0))[..., 0]
+    total = n_steps_each * sum(step_size * s ** 2 / sigmas[-1] ** 2 for s in sigmas)  # sum of alpha_t
+    angles = torch.linspace(0, math.pi / 2, n_interpolations, dtype=f64)
+    expected = torch.cos(angles[:, None] - angles[None, :])  # (N, N)
+    corr = torch.corrcoef(out.T)
+    assert ((out.var(0) - total).abs() <= 5 * total * math.sqrt(2 / (n_rows - 1))).all()
+    assert ((corr - expected).abs() <= 5 * (1 - expected ** 2) / math.sqrt(n_rows) + 1e-9).all()
+
+
+def test_interpolation_refuses_a_single_chain_and_bad_noise():
+    with pytest.raises(ValueError, match="n_interpolations must be >= 2"):
+        annealed_langevin_interpolation(_decay, torch.zeros(2, 3), [1.0], 0.1, 1, 1)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        annealed_langevin_interpolation(_decay, torch.zeros(2, 3), [1.0], 0.1, 2, 3, noise=torch.zeros(2, 2, 3))

@@ -382,6 +382,36 @@ def test_sample_gaussian_oracle_matches_ula_and_tweedie():
     assert ((x.var(0) - var).abs() < 5 * var * math.sqrt(2 / n)).all()
 
 
+def test_sample_from_data_starts_at_data_plus_sigma_1_noise():
+    """init: the first level's input is the data plus N(0, sigma_1^2) noise (NCSNv2 data_init), chunk by chunk: its
+    per-point mean is the data and its variance sigma_1^2, so the cloud has the data's mean and variance + sigma_1^2."""
+    first = []
+
+    def score_fn(x, sigma):
+        if not first:
+            first.append(x.clone())
+        return torch.zeros_like(x)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(4000, 3, generator=g, dtype=torch.float64) * torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    data += torch.tensor([3.0, -1.0, 0.0], dtype=torch.float64)
+    sigmas = torch.tensor([1.5, 0.3], dtype=torch.float64)
+    ncsn.sample(score_fn, data.shape, sigmas, 1, 1e-3, generator=g, data_range=(-50.0, 50.0), init=data)
+    noise = first[0] - data  # the first chunk is the whole batch here
+    n = len(data)
+    assert (noise.mean(0).abs() < 5 * 1.5 / math.sqrt(n)).all()
+    assert ((noise.var(0) - 1.5 ** 2).abs() < 5 * 1.5 ** 2 * math.sqrt(2 / n)).all()
+    assert (noise[:, 0] * noise[:, 1]).mean().abs() < 5 * 1.5 ** 2 / math.sqrt(n)  # independent coordinates
+    chunked = []
+    tiny = torch.tensor([1e-3, 1e-4], dtype=torch.float64)  # so that each start sits on its own data point
+    ncsn.sample(lambda x, s: chunked.append(x.clone()) or torch.zeros_like(x), (10, 3), tiny, 1, 1e-9,
+                data_range=(-50.0, 50.0), init=data[:10], batch_size=4, generator=torch.Generator().manual_seed(1))
+    starts = torch.cat([chunked[0], chunked[3], chunked[6]])  # 3 evaluations per chunk: 2 levels + denoise
+    assert starts.shape == (10, 3) and ((starts - data[:10]).abs() < 6e-3).all()  # chunk by chunk, in order
+    with pytest.raises(ValueError, match="init must have the samples' shape"):
+        ncsn.sample(score_fn, (5, 3), sigmas, 1, 1e-3, init=data[:4])
+
+
 def test_sample_range_shape_determinism_and_mode():
     torch.manual_seed(0)
     model = _reset(_tiny(1, 8))
