@@ -4,6 +4,8 @@
     metrics.jsonl             one JSON object per line: the loss every --log-every steps, quality numbers, ...
     samples/step_NNNNNNN.png  sample figures during training (a grid of images, or 2-D points over fresh data)
     samples.npz, samples.png  sample.py's samples and their figure
+    inpainting.npz/.png       sample.py --inpaint: held-out images, their masks and completions
+    interpolation.npz/.png    sample.py --interpolate: rows of chains that mix two noise streams
     run.lock                  held by the run that uses the folder (PID and host inside), so that there is one
 
 `config` holds everything needed to rebuild the network (config["architecture"]) and to sample from it (shape,
@@ -265,6 +267,28 @@ def save_grid(images, path):
     grid = rearrange(padded, "(r c) ch h w -> (r h) (c w) ch", r=rows).clamp(0, 1).numpy()
     save_atomic(lambda f: plt.imsave(f, grid.squeeze(-1) if grid.shape[-1] == 1 else grid, format="png",
                                      cmap="gray"), path)
+
+
+def save_rows(images, path, titles):
+    """(R, K, C, H, W) in [0, 1] -> one PNG of R rows and K columns, each column under its title; pixels drawn as
+    squares (nearest neighbour), so that small images stay sharp."""
+    plt = _pyplot()
+    n_rows, n_cols = images.shape[:2]
+    cell = max(1.2, min(2.0, images.shape[-1] / 32))  # inches per image, room for a title
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * cell, n_rows * cell + 0.4), squeeze=False)
+    for r in range(n_rows):
+        for c in range(n_cols):
+            image = rearrange(images[r, c].float().clamp(0, 1).cpu(), "ch h w -> h w ch").numpy()
+            ax = axes[r, c]
+            ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+    fig.tight_layout(pad=0.3, h_pad=0.2, w_pad=0.2)
+    save_atomic(lambda f: fig.savefig(f, format="png", dpi=100), path)
+    plt.close(fig)
 
 
 def save_scatter(samples, reference, path, title):

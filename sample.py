@@ -1,15 +1,25 @@
-"""Sample from a trained noise-conditional score network (notes §9): annealed Langevin dynamics, EMA weights.
+"""Use a trained noise-conditional score network (notes §9): draw samples, complete images, interpolate, from the
+EMA weights of a checkpoint with its annealed Langevin sampler.
 
     python sample.py --out-dir runs/cifar10 -n 50000        # samples.npz (N, H, W, C) uint8 and a grid samples.png
     python sample.py --out-dir runs/gmm -n 5000             # float (N, 2) points, and a scatter over fresh data
     python sample.py --checkpoint runs/cifar10/checkpoint.pt --out-dir eval/cifar10 -n 1000
+    python sample.py --out-dir runs/digits --inpaint right-half    # complete held-out images: inpainting.png/.npz
+    python sample.py --out-dir runs/digits --interpolate 10        # rows of chains between two noise streams
 
 The network, the noise levels, the number of steps per level, the step size and the data range all come from the
 checkpoint's config, as train.py wrote it; the weights are the exponential moving average (NCSNv2 technique 5).
 Samples are clamped to the data range; images are saved as uint8 (x * 255, rounded), the format FID tools read,
 and 2-D points as float32.
+
+Inpainting [Song & Ermon 2019, Figure 6] runs langevin.annealed_langevin_inpainting on held-out images (the test
+split: CIFAR-10's test batch, MNIST's t10k, the digits' held-out slice), so the network has never seen them; the mask
+hides the right half (the papers' figure), a centre square, or a random fraction of the pixels. Interpolation
+[Song & Ermon 2020] runs langevin.annealed_langevin_interpolation: each row shares its start, and its noise turns
+from one stream to another, cos(a) z_p + sin(a) z_q, a from 0 to pi/2 along the row.
 """
 import argparse
+import math
 import os
 import signal
 import sys
@@ -19,8 +29,17 @@ import torch
 from einops import rearrange
 
 import data
+import ncsn
 import runs
+from langevin import annealed_langevin_inpainting, annealed_langevin_interpolation
 from runs import RunError
+
+MASKS = ("right-half", "center", "random")
+HELDOUT = {  # the held-out images of each image set: what inpainting completes
+    "cifar10": lambda data_dir: data.load_cifar10(data_dir, train=False),
+    "mnist": lambda data_dir: data.load_mnist(data_dir, train=False),
+    "digits": lambda data_dir: data.load_digits(train=False),
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,33 +47,70 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def mask_spec(text):
+    """--inpaint's argument: right-half, center, or random[:F] with F the fraction of pixels hidden (default 0.5)."""
+    kind, _, fraction = text.partition(":")
+    if kind not in MASKS or (fraction and kind != "random"):
+        raise argparse.ArgumentTypeError(f"unknown mask {text!r}; use right-half, center, or random:F (F the "
+                                         "fraction of pixels hidden, e.g. random:0.7)")
+    try:
+        fraction = float(fraction or 0.5)
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction < 1:
+        raise argparse.ArgumentTypeError(f"the fraction of random:F must be a number in (0, 1), got {text!r}")
+    return kind, fraction
+
+
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--out-dir", help="where samples.npz and samples.png go, and where the checkpoint is read from "
-                                     "when --checkpoint is not given (default: the checkpoint's folder)")
-    p.add_argument("--checkpoint", help="the checkpoint to sample from (default: <out-dir>/checkpoint.pt)")
-    p.add_argument("-n", "--n-samples", type=int, default=64, metavar="N",
-                   help="how many samples to draw (default: 64)")
+    p.add_argument("--out-dir", help="where the outputs go, and where the checkpoint is read from when --checkpoint "
+                                     "is not given (default: the checkpoint's folder)")
+    p.add_argument("--checkpoint", help="the checkpoint to use (default: <out-dir>/checkpoint.pt)")
+    p.add_argument("-n", "--n-samples", type=int, metavar="N",
+                   help="how many samples to draw (default: 64); with --inpaint, how many held-out images to "
+                        "complete, and with --interpolate, how many rows (default: 8 for both)")
     p.add_argument("--batch-size", type=int, default=500,
                    help="chains run at once; lower it if memory runs out (default: 500)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prior draw and the Langevin noise (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the prior draw, the Langevin noise, the held-out images and random masks (default: 0)")
     p.add_argument("--device", default="auto", help="auto (the default) picks cuda, then mps, then cpu; or e.g. cuda:1")
     p.add_argument("--n-steps-each", type=int, help="Langevin steps per noise level T (default: the checkpoint's)")
     p.add_argument("--step-size", type=float, help="step size at the smallest sigma, in the notes' convention "
                                                    "x + eps/2 s + sqrt(eps) z (default: the checkpoint's)")
+    g = p.add_argument_group("image tasks (image runs only; instead of plain samples)")
+    g.add_argument("--inpaint", type=mask_spec, metavar="MASK",
+                   help="complete held-out images whose pixels under MASK are hidden: right-half (the papers' "
+                        "figure), center (the middle square, half the side), or random:F (a fraction F of the "
+                        "pixels, each image its own); writes inpainting.png (rows: original | masked | completions) "
+                        "and inpainting.npz")
+    g.add_argument("--completions", type=int, default=4,
+                   help="with --inpaint, completions drawn per image (default: 4)")
+    g.add_argument("--interpolate", type=int, metavar="K",
+                   help="K chains per row that share their start and mix two noise streams; writes "
+                        "interpolation.png (a row per start) and interpolation.npz")
+    g.add_argument("--data-dir", default="./data",
+                   help="where the held-out images are found for --inpaint (default: ./data; the digits need none)")
     args = p.parse_args(argv)
     if args.out_dir is None and args.checkpoint is None:
         p.error("give --out-dir (a run of train.py) or --checkpoint")
-    for name in ("n_samples", "batch_size", "n_steps_each"):
+    if args.inpaint is not None and args.interpolate is not None:
+        p.error("--inpaint and --interpolate are two runs; give one")
+    for name in ("n_samples", "batch_size", "n_steps_each", "completions"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.interpolate is not None and args.interpolate < 2:
+        p.error(f"--interpolate must be >= 2 (chains per row, from a = 0 to a = pi/2), got {args.interpolate}")
     if args.step_size is not None and not 0 < args.step_size < float("inf"):
         p.error(f"--step-size must be > 0 and finite, got {args.step_size}")
+    if args.n_samples is None:
+        args.n_samples = 64 if args.inpaint is None and args.interpolate is None else 8
     return args
 
 
-def sample(args):
-    """Draw the samples and write samples.npz and samples.png; returns the path of samples.npz."""
+def load_run(args):
+    """(model, config, checkpoint path, out-dir, device): the EMA network in eval mode and the sampler's settings,
+    with --n-steps-each and --step-size applied (and announced)."""
     ckpt_path = args.checkpoint or os.path.join(args.out_dir, "checkpoint.pt")
     out_dir = args.out_dir or os.path.dirname(ckpt_path) or "."
     if not os.path.isfile(ckpt_path):
@@ -64,25 +120,50 @@ def sample(args):
         raise RunError("sample.py runs in one process; start it with python, not torchrun")
     device = runs.pick_device(args.device)
     ckpt = runs.load_checkpoint(ckpt_path, device)
+    if (args.inpaint is not None or args.interpolate is not None) and not runs.is_image_run(ckpt["config"]):
+        raise RunError(f"--inpaint and --interpolate need a run on images; {ckpt_path} is of "
+                       f"{ckpt['config']['dataset']}, 2-D points")
     model = runs.build_model(ckpt["config"]).to(device)
     model.load_state_dict(ckpt["ema"])  # the EMA's state dict is the averaged network's own
+    model.eval()  # dropout off
     # The sampler the run was trained for, unless a flag changes it (and then it says so).
     changes = {k: getattr(args, k) for k in ("n_steps_each", "step_size") if getattr(args, k) is not None}
     config = dict(ckpt["config"], **changes)
-    print(f"sampling {args.n_samples} from {ckpt_path} (step {ckpt['step']}): {len(config['sigmas'])} levels x "
-          f"{config['n_steps_each']} steps of {config['step_size']:.3g} + denoise, in batches of "
-          f"{min(args.batch_size, args.n_samples)}" + "".join(f"; {k} {ckpt['config'][k]} -> {v}"
-                                                              for k, v in changes.items()))
+    print(f"{ckpt_path} (step {ckpt['step']}): {len(config['sigmas'])} levels x {config['n_steps_each']} steps of "
+          f"{config['step_size']:.3g} + denoise" + "".join(f"; {k} {ckpt['config'][k]} -> {v}"
+                                                          for k, v in changes.items()))
+    return model, config, ckpt_path, out_dir, device
+
+
+def check_finite(samples, what):
+    """A chain that diverged returns NaN, which would pass for pixels once cast to uint8: refuse to write it."""
+    if not samples.isfinite().all():
+        bad = int((~samples.isfinite()).flatten(1).any(1).sum())
+        raise RunError(f"{bad} of the {len(samples)} {what} are not finite (the chains diverged); nothing was "
+                       "written: try a smaller --step-size or another checkpoint")
+
+
+def as_uint8(images):
+    """(..., C, H, W) in [0, 1] -> (..., H, W, C) uint8 numpy, x * 255 rounded: the format FID tools read."""
+    return rearrange((images * 255).round().to(torch.uint8).cpu(), "... c h w -> ... h w c").numpy()
+
+
+def save_npz(path, **arrays):
+    runs.save_atomic(lambda f: np.savez(f, **arrays), path)
+
+
+# ---- plain samples ---------------------------------------------------------------------------------------------
+
+def draw(args, model, config, out_dir, device):
+    """Draw the samples and write samples.npz and samples.png; returns the path of samples.npz."""
+    print(f"sampling {args.n_samples} in batches of {min(args.batch_size, args.n_samples)}")
     generator = torch.Generator(device).manual_seed(args.seed)
     samples = runs.draw_samples(model, config, args.n_samples, generator, progress=True, batch_size=args.batch_size)
-    if not samples.isfinite().all():  # a chain that diverged: its NaNs would pass for pixels once cast to uint8
-        bad = int((~samples.isfinite()).flatten(1).any(1).sum())
-        raise RunError(f"{bad} of the {args.n_samples} samples are not finite (the chains diverged); nothing was "
-                       "written: try a smaller --step-size or another checkpoint")
+    check_finite(samples, "samples")
     os.makedirs(out_dir, exist_ok=True)
     figure = os.path.join(out_dir, "samples.png")
     if runs.is_image_run(config):
-        array = rearrange((samples * 255).round().to(torch.uint8).cpu(), "n c h w -> n h w c").numpy()
+        array = as_uint8(samples)
         runs.save_grid(samples[:100], figure)
     else:
         array = samples.cpu().numpy()
@@ -94,8 +175,114 @@ def sample(args):
                                    score_fn=model, sigmas=config["sigmas"])
         print(f"{shown} samples against as many fresh points: {data.format_quality(quality)}")
     path = os.path.join(out_dir, "samples.npz")
-    runs.save_atomic(lambda f: np.savez(f, array), path)
+    save_npz(path, arr_0=array)
     print(f"wrote {path} ({array.dtype} {tuple(array.shape)}) and {figure}")
+    return path
+
+
+# ---- inpainting ------------------------------------------------------------------------------------------------
+
+def make_masks(kind, fraction, n, height, width, generator):
+    """(n, 1, H, W) float masks, 1 where the pixel is known: right-half hides columns W//2.., center hides the middle
+    square of side H//2 x W//2, random hides round(F H W) pixels drawn anew for each image."""
+    mask = torch.ones(n, 1, height, width)
+    if kind == "right-half":
+        mask[..., width // 2:] = 0
+    elif kind == "center":
+        top, left = (height - height // 2) // 2, (width - width // 2) // 2
+        mask[..., top:top + height // 2, left:left + width // 2] = 0
+    else:
+        hidden = round(fraction * height * width)
+        for m in mask:
+            m.view(-1)[torch.randperm(height * width, generator=generator)[:hidden]] = 0
+    return mask
+
+
+def heldout(config, data_dir, n, generator):
+    """n held-out images of the run's data set in [0, 1], (n, C, H, W) float, drawn without replacement."""
+    loader = HELDOUT.get(config["dataset"])
+    if loader is None:
+        raise RunError(f"--inpaint knows no held-out images of {config['dataset']}")
+    try:
+        images = loader(data_dir)
+    except data.DataError as e:
+        raise RunError(f"{e} (the held-out images for --inpaint; --data-dir points at them)") from None
+    if n > len(images):
+        raise RunError(f"-n {n} asks for more images than the {len(images)} held-out ones of {config['dataset']}")
+    if tuple(images.shape[1:]) != tuple(config["shape"]):
+        raise RunError(f"the held-out images in {data_dir} have shape {tuple(images.shape[1:])}, the run's "
+                       f"{tuple(config['shape'])}")
+    return images[torch.randperm(len(images), generator=generator)[:n]].float() / 255
+
+
+def inpaint(args, model, config, out_dir, device):
+    """Complete n held-out images --completions times each; write inpainting.npz and inpainting.png."""
+    (kind, fraction), m, n = args.inpaint, args.completions, args.n_samples
+    cpu_generator = torch.Generator().manual_seed(args.seed)  # which images, which random pixels
+    images = heldout(config, args.data_dir, n, cpu_generator)  # (n, C, H, W)
+    masks = make_masks(kind, fraction, n, *images.shape[2:], cpu_generator)  # (n, 1, H, W)
+    low, high = config["data_range"]
+    known = images.repeat_interleave(m, 0).to(device)  # (n m, C, H, W): m chains per image
+    mask = masks.repeat_interleave(m, 0).to(device)  # (n m, 1, H, W)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    hidden = 1 - masks.mean().item()
+    print(f"inpainting {n} held-out images of {config['dataset']}, {hidden:.0%} of the pixels hidden "
+          f"({kind}), {m} completions each")
+    completions = run_chains(model, config, known, mask, generator, args.batch_size, "inpaint")
+    completions = completions.clamp(low, high).cpu().unflatten(0, (n, m))  # (n, m, C, H, W)
+    check_finite(completions.flatten(0, 1), "completions")
+    masked = torch.where(masks.bool(), images, 0.5)  # hidden pixels shown grey
+    os.makedirs(out_dir, exist_ok=True)
+    path, figure = os.path.join(out_dir, "inpainting.npz"), os.path.join(out_dir, "inpainting.png")
+    save_npz(path, originals=as_uint8(images), masks=masks[:, 0].bool().numpy(), completions=as_uint8(completions))
+    titles = ["original", "masked"] + [f"completion {j + 1}" for j in range(m)]
+    runs.save_rows(torch.cat([images.unsqueeze(1), masked.unsqueeze(1), completions], 1), figure, titles)
+    print(f"wrote {path} (originals, masks, completions {tuple(completions.shape)}) and {figure}")
+    return path
+
+
+def run_chains(model, config, known, mask, generator, batch_size, desc):
+    """annealed_langevin_inpainting on chunks of at most batch_size chains, each from the uniform prior."""
+    low, high = config["data_range"]
+    sigmas, n_steps_each, step_size = config["sigmas"], config["n_steps_each"], config["step_size"]
+    total = math.ceil(len(known) / batch_size) * (len(sigmas) * n_steps_each + 1)  # network evaluations
+    chunks = []
+    with ncsn.progress_bar(total, desc) as bar:
+        for start in range(0, len(known), batch_size):
+            part = slice(start, start + batch_size)
+            x = low + (high - low) * torch.rand(known[part].shape, generator=generator, device=known.device)
+            chunks.append(annealed_langevin_inpainting(model, x, known[part], mask[part], sigmas, step_size,
+                                                       n_steps_each, generator=generator,
+                                                       callback=lambda step, y: bar.update(1)))
+    return torch.cat(chunks)
+
+
+# ---- interpolation ---------------------------------------------------------------------------------------------
+
+def interpolate(args, model, config, out_dir, device):
+    """n rows of --interpolate chains each; write interpolation.npz and interpolation.png."""
+    rows, k = args.n_samples, args.interpolate
+    low, high = config["data_range"]
+    sigmas, n_steps_each, step_size = config["sigmas"], config["n_steps_each"], config["step_size"]
+    generator = torch.Generator(device).manual_seed(args.seed)
+    rows_per_batch = max(1, args.batch_size // k)
+    print(f"interpolating: {rows} rows of {k} chains, a = 0 .. pi/2")
+    total = math.ceil(rows / rows_per_batch) * (len(sigmas) * n_steps_each + 1)
+    chunks = []
+    with ncsn.progress_bar(total, "interpolate") as bar:
+        for start in range(0, rows, rows_per_batch):
+            m = min(rows_per_batch, rows - start)
+            x = low + (high - low) * torch.rand((m, *config["shape"]), generator=generator, device=device)
+            chunks.append(annealed_langevin_interpolation(model, x, sigmas, step_size, n_steps_each, k,
+                                                          generator=generator, callback=lambda step, y: bar.update(1)))
+    chains = torch.cat(chunks).clamp(low, high).cpu()  # (rows, k, C, H, W)
+    check_finite(chains.flatten(0, 1), "chains")
+    os.makedirs(out_dir, exist_ok=True)
+    path, figure = os.path.join(out_dir, "interpolation.npz"), os.path.join(out_dir, "interpolation.png")
+    save_npz(path, arr_0=as_uint8(chains))
+    titles = [f"a = {90 * j / (k - 1):.0f}°" for j in range(k)]
+    runs.save_rows(chains, figure, titles)
+    print(f"wrote {path} (uint8 {tuple(chains.shape[:2])} images) and {figure}")
     return path
 
 
@@ -107,7 +294,9 @@ def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: one line, and no file half written
     try:
-        sample(args)
+        model, config, _, out_dir, device = load_run(args)
+        task = inpaint if args.inpaint is not None else interpolate if args.interpolate is not None else draw
+        task(args, model, config, out_dir, device)
     except RunError as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,0 +1,108 @@
+"""sample.py's image tasks end to end on the CPU: inpainting held-out images under each mask and interpolation, from
+a tiny MNIST-shaped run, and their one-line refusals. (Plain sampling is tested with train.py, in test_train.py.)"""
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+import sample as sample_py
+from test_train import FAST, run, sample, write_mnist_raw
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A 2-step MNIST run on files in the upstream IDX format (uncompressed: their md5 is not the published one)."""
+    root = tmp_path_factory.mktemp("image_run")
+    data_dir = root / "data"
+    write_mnist_raw(data_dir, n=16)
+    for path in (data_dir / "MNIST" / "raw").iterdir():
+        with gzip.open(path) as f:
+            (path.parent / path.name[:-3]).write_bytes(f.read())
+        path.unlink()
+    out = root / "run"
+    run("--dataset", "mnist", "--data-dir", data_dir, "--out-dir", out, "--steps", 2, "--batch-size", 4,
+        "--channels", 8, "--n-sigmas", 4, "--n-steps-each", 1, "--sample-every", 0, "--device", "cpu")
+    return data_dir, out
+
+
+@pytest.mark.parametrize("spec, hidden", [("right-half", 28 * 14), ("center", 14 * 14), ("random:0.3", 235)])
+def test_inpaint_completes_held_out_images_and_keeps_the_known_pixels(image_run, tmp_path, monkeypatch, spec, hidden):
+    data_dir, out = image_run
+    args = ["--checkpoint", out / "checkpoint.pt", "--out-dir", tmp_path, "--inpaint", spec, "-n", 3,
+            "--completions", 2, "--batch-size", 4, "--data-dir", data_dir, "--device", "cpu"]
+    if spec == "right-half":  # one end to end, as a user runs it
+        assert "inpaint: 100% 10/10" in sample(*args).stderr  # chunks of 4 + 2 chains, 4 levels x 1 step + denoise
+    else:  # the others in this process, which saves an interpreter's start-up
+        monkeypatch.setattr(sample_py.signal, "signal", lambda *a: None)  # leave pytest's SIGTERM handler
+        sample_py.main([str(a) for a in args])
+    arrays = np.load(tmp_path / "inpainting.npz")
+    originals, masks, completions = arrays["originals"], arrays["masks"], arrays["completions"]
+    assert originals.shape == (3, 28, 28, 1) and masks.shape == (3, 28, 28) and completions.shape == (3, 2, 28, 28, 1)
+    assert completions.dtype == originals.dtype == np.uint8 and masks.dtype == bool
+    test_images = np.frombuffer((data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes(), np.uint8,
+                                offset=16).reshape(16, 28, 28, 1)
+    assert all(any(np.array_equal(o, t) for t in test_images) for o in originals)  # held-out images, not training
+    assert len({o.tobytes() for o in originals}) == 3  # drawn without replacement
+    assert (masks.reshape(3, -1).sum(1) == 28 * 28 - hidden).all()
+    if spec == "right-half":
+        assert masks[:, :, :14].all() and not masks[:, :, 14:].any()
+    if spec == "center":
+        assert not masks[:, 7:21, 7:21].any()
+    known = np.broadcast_to(masks[:, None, :, :, None], completions.shape)
+    assert np.array_equal(completions[known], np.broadcast_to(originals[:, None], completions.shape)[known])
+    assert not np.array_equal(completions[:, 0], completions[:, 1])  # two completions, two chains
+    assert (tmp_path / "inpainting.png").stat().st_size > 1000
+
+
+def test_interpolate_writes_rows_of_chains(image_run, tmp_path, monkeypatch):
+    _, out = image_run
+    sample("--checkpoint", out / "checkpoint.pt", "--out-dir", tmp_path, "--interpolate", 5, "-n", 3,
+           "--batch-size", 10, "--device", "cpu", "--seed", 4)
+    chains = np.load(tmp_path / "interpolation.npz")["arr_0"]
+    assert chains.shape == (3, 5, 28, 28, 1) and chains.dtype == np.uint8
+    assert (tmp_path / "interpolation.png").stat().st_size > 1000
+    again = tmp_path / "again"
+    monkeypatch.setattr(sample_py.signal, "signal", lambda *a: None)  # leave pytest's SIGTERM handler
+    sample_py.main(["--checkpoint", str(out / "checkpoint.pt"), "--out-dir", str(again), "--interpolate", "5",
+                    "-n", "3", "--batch-size", "10", "--device", "cpu", "--seed", "4"])  # in this process
+    assert np.array_equal(np.load(again / "interpolation.npz")["arr_0"], chains)  # seeded
+
+
+def test_masks_hide_what_they_say():
+    g = torch.Generator().manual_seed(0)
+    right = sample_py.make_masks("right-half", 0.5, 2, 7, 9, g)
+    assert right.shape == (2, 1, 7, 9) and (right[..., :4] == 1).all() and (right[..., 4:] == 0).all()
+    center = sample_py.make_masks("center", 0.5, 1, 8, 8, g)
+    assert (center[0, 0, 2:6, 2:6] == 0).all() and center.sum() == 64 - 16
+    random = sample_py.make_masks("random", 0.25, 50, 8, 8, g)
+    assert ((1 - random).sum((1, 2, 3)) == 16).all()
+    assert len({tuple(m.flatten().tolist()) for m in random}) > 40  # each image its own pixels
+
+
+def in_process(capsys, monkeypatch, *args):
+    """sample.main(args) in this process (no interpreter start-up): its exit status and one-line stderr."""
+    monkeypatch.setattr(sample_py.signal, "signal", lambda *a: None)  # leave pytest's own SIGTERM handler
+    with pytest.raises(SystemExit) as exit_info:
+        sample_py.main([str(a) for a in args])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code != 0 and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_image_tasks_refuse_bad_input_in_one_line(image_run, tmp_path, capsys, monkeypatch):
+    data_dir, out = image_run
+    refuse = lambda *args: in_process(capsys, monkeypatch, "--out-dir", out, "--device", "cpu", *args)  # noqa: E731
+    for spec in ("left-half", "random:1.5", "random:x", "center:0.3"):
+        line = refuse("--inpaint", spec)
+        assert "--inpaint" in line and spec in line
+    assert "--interpolate must be >= 2" in refuse("--interpolate", 1)
+    assert "give one" in refuse("--interpolate", 3, "--inpaint", "center")
+    assert "more images than the 16 held-out" in refuse("--inpaint", "center", "-n", 17, "--data-dir", data_dir)
+    line = refuse("--inpaint", "center", "--data-dir", tmp_path / "empty")
+    assert "t10k" in line and "--data-dir" in line
+    toy = tmp_path / "gmm"
+    run("--dataset", "gmm", "--out-dir", toy, "--steps", 2, "--sample-every", 0, *FAST)
+    for task in (("--inpaint", "right-half"), ("--interpolate", 4)):
+        line = in_process(capsys, monkeypatch, "--out-dir", toy, "--device", "cpu", *task)
+        assert "need a run on images" in line and "gmm" in line
