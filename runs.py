@@ -209,12 +209,13 @@ def is_image_run(config):
     return len(config["shape"]) == 3  # (C, H, W); the 2-D sets have shape (2,)
 
 
-def draw_samples(model, config, n, generator, progress=False, batch_size=None, callback=None):
-    """n samples (n, *shape) of the run's annealed Langevin sampler (notes §9), clamped to its data range."""
+def draw_samples(model, config, n, generator, progress=False, batch_size=None, callback=None, init=None):
+    """n samples (n, *shape) of the run's annealed Langevin sampler (notes §9), clamped to its data range; from the
+    uniform prior, or from init + sigma_1 noise (ncsn.sample's data_init)."""
     device = next(model.parameters()).device
     return ncsn.sample(model, (n, *config["shape"]), torch.tensor(config["sigmas"], device=device),
                        config["n_steps_each"], config["step_size"], generator=generator, progress=progress,
-                       data_range=tuple(config["data_range"]), batch_size=batch_size, callback=callback)
+                       data_range=tuple(config["data_range"]), batch_size=batch_size, callback=callback, init=init)
 
 
 def append_metrics(out_dir, record):

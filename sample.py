@@ -6,6 +6,7 @@ EMA weights of a checkpoint with its annealed Langevin sampler.
     python sample.py --checkpoint runs/cifar10/checkpoint.pt --out-dir eval/cifar10 -n 1000
     python sample.py --out-dir runs/digits --inpaint right-half    # complete held-out images: inpainting.png/.npz
     python sample.py --out-dir runs/digits --interpolate 10        # rows of chains between two noise streams
+    python sample.py --out-dir runs/digits --data-init -n 64       # chains from held-out images + sigma_1 noise
 
 The network, the noise levels, the number of steps per level, the step size and the data range all come from the
 checkpoint's config, as train.py wrote it; the weights are the exponential moving average (NCSNv2 technique 5).
@@ -78,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--n-steps-each", type=int, help="Langevin steps per noise level T (default: the checkpoint's)")
     p.add_argument("--step-size", type=float, help="step size at the smallest sigma, in the notes' convention "
                                                    "x + eps/2 s + sqrt(eps) z (default: the checkpoint's)")
+    p.add_argument("--data-init", action="store_true",
+                   help="start each chain at a held-out image plus sigma_1 noise (NCSNv2's data_init) instead of the "
+                        "uniform prior; image runs only")
     g = p.add_argument_group("image tasks (image runs only; instead of plain samples)")
     g.add_argument("--inpaint", type=mask_spec, metavar="MASK",
                    help="complete held-out images whose pixels under MASK are hidden: right-half (the papers' "
@@ -90,12 +94,13 @@ def parse_args(argv=None):
                    help="K chains per row that share their start and mix two noise streams; writes "
                         "interpolation.png (a row per start) and interpolation.npz")
     g.add_argument("--data-dir", default="./data",
-                   help="where the held-out images are found for --inpaint (default: ./data; the digits need none)")
+                   help="where the held-out images are found for --inpaint and --data-init (default: ./data; the "
+                        "digits need none)")
     args = p.parse_args(argv)
     if args.out_dir is None and args.checkpoint is None:
         p.error("give --out-dir (a run of train.py) or --checkpoint")
-    if args.inpaint is not None and args.interpolate is not None:
-        p.error("--inpaint and --interpolate are two runs; give one")
+    if (args.inpaint is not None) + (args.interpolate is not None) + args.data_init > 1:
+        p.error("--inpaint, --interpolate and --data-init are separate runs; give one")
     for name in ("n_samples", "batch_size", "n_steps_each", "completions"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -120,8 +125,9 @@ def load_run(args):
         raise RunError("sample.py runs in one process; start it with python, not torchrun")
     device = runs.pick_device(args.device)
     ckpt = runs.load_checkpoint(ckpt_path, device)
-    if (args.inpaint is not None or args.interpolate is not None) and not runs.is_image_run(ckpt["config"]):
-        raise RunError(f"--inpaint and --interpolate need a run on images; {ckpt_path} is of "
+    if (args.inpaint is not None or args.interpolate is not None or args.data_init) and not runs.is_image_run(
+            ckpt["config"]):
+        raise RunError(f"--inpaint, --interpolate and --data-init need a run on images; {ckpt_path} is of "
                        f"{ckpt['config']['dataset']}, 2-D points")
     model = runs.build_model(ckpt["config"]).to(device)
     model.load_state_dict(ckpt["ema"])  # the EMA's state dict is the averaged network's own
@@ -152,13 +158,35 @@ def save_npz(path, **arrays):
     runs.save_atomic(lambda f: np.savez(f, **arrays), path)
 
 
+def heldout(config, data_dir, n, generator):
+    """n held-out images of the run's data set in [0, 1], (n, C, H, W) float, drawn without replacement."""
+    loader = HELDOUT.get(config["dataset"])
+    if loader is None:
+        raise RunError(f"no held-out images of {config['dataset']} are known")
+    try:
+        images = loader(data_dir)
+    except data.DataError as e:
+        raise RunError(f"{e} (the held-out images; --data-dir points at them)") from None
+    if n > len(images):
+        raise RunError(f"-n {n} asks for more images than the {len(images)} held-out ones of {config['dataset']}")
+    if tuple(images.shape[1:]) != tuple(config["shape"]):
+        raise RunError(f"the held-out images in {data_dir} have shape {tuple(images.shape[1:])}, the run's "
+                       f"{tuple(config['shape'])}")
+    return images[torch.randperm(len(images), generator=generator)[:n]].float() / 255
+
+
 # ---- plain samples ---------------------------------------------------------------------------------------------
 
 def draw(args, model, config, out_dir, device):
     """Draw the samples and write samples.npz and samples.png; returns the path of samples.npz."""
-    print(f"sampling {args.n_samples} in batches of {min(args.batch_size, args.n_samples)}")
+    init = None
+    if args.data_init:  # which held-out images: drawn on the CPU, as --inpaint draws them
+        init = heldout(config, args.data_dir, args.n_samples, torch.Generator().manual_seed(args.seed))
+    print(f"sampling {args.n_samples} in batches of {min(args.batch_size, args.n_samples)}, from "
+          + ("held-out images + sigma_1 noise" if args.data_init else "the uniform prior"))
     generator = torch.Generator(device).manual_seed(args.seed)
-    samples = runs.draw_samples(model, config, args.n_samples, generator, progress=True, batch_size=args.batch_size)
+    samples = runs.draw_samples(model, config, args.n_samples, generator, progress=True, batch_size=args.batch_size,
+                                init=init)
     check_finite(samples, "samples")
     os.makedirs(out_dir, exist_ok=True)
     figure = os.path.join(out_dir, "samples.png")
@@ -196,23 +224,6 @@ def make_masks(kind, fraction, n, height, width, generator):
         for m in mask:
             m.view(-1)[torch.randperm(height * width, generator=generator)[:hidden]] = 0
     return mask
-
-
-def heldout(config, data_dir, n, generator):
-    """n held-out images of the run's data set in [0, 1], (n, C, H, W) float, drawn without replacement."""
-    loader = HELDOUT.get(config["dataset"])
-    if loader is None:
-        raise RunError(f"--inpaint knows no held-out images of {config['dataset']}")
-    try:
-        images = loader(data_dir)
-    except data.DataError as e:
-        raise RunError(f"{e} (the held-out images for --inpaint; --data-dir points at them)") from None
-    if n > len(images):
-        raise RunError(f"-n {n} asks for more images than the {len(images)} held-out ones of {config['dataset']}")
-    if tuple(images.shape[1:]) != tuple(config["shape"]):
-        raise RunError(f"the held-out images in {data_dir} have shape {tuple(images.shape[1:])}, the run's "
-                       f"{tuple(config['shape'])}")
-    return images[torch.randperm(len(images), generator=generator)[:n]].float() / 255
 
 
 def inpaint(args, model, config, out_dir, device):

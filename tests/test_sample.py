@@ -69,6 +69,17 @@ def test_interpolate_writes_rows_of_chains(image_run, tmp_path, monkeypatch):
     assert np.array_equal(np.load(again / "interpolation.npz")["arr_0"], chains)  # seeded
 
 
+def test_data_init_starts_from_held_out_images(image_run, tmp_path, monkeypatch, capsys):
+    data_dir, out = image_run
+    monkeypatch.setattr(sample_py.signal, "signal", lambda *a: None)  # leave pytest's SIGTERM handler
+    sample_py.main(["--checkpoint", str(out / "checkpoint.pt"), "--out-dir", str(tmp_path), "--data-init", "-n", "5",
+                    "--data-dir", str(data_dir), "--device", "cpu"])
+    assert "from held-out images + sigma_1 noise" in capsys.readouterr().out
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (5, 28, 28, 1)
+    assert "more images than the 16 held-out" in in_process(capsys, monkeypatch, "--out-dir", out, "--data-init",
+                                                            "-n", 20, "--data-dir", data_dir, "--device", "cpu")
+
+
 def test_masks_hide_what_they_say():
     g = torch.Generator().manual_seed(0)
     right = sample_py.make_masks("right-half", 0.5, 2, 7, 9, g)
@@ -98,11 +109,12 @@ def test_image_tasks_refuse_bad_input_in_one_line(image_run, tmp_path, capsys, m
         assert "--inpaint" in line and spec in line
     assert "--interpolate must be >= 2" in refuse("--interpolate", 1)
     assert "give one" in refuse("--interpolate", 3, "--inpaint", "center")
+    assert "give one" in refuse("--data-init", "--inpaint", "center")
     assert "more images than the 16 held-out" in refuse("--inpaint", "center", "-n", 17, "--data-dir", data_dir)
     line = refuse("--inpaint", "center", "--data-dir", tmp_path / "empty")
     assert "t10k" in line and "--data-dir" in line
     toy = tmp_path / "gmm"
     run("--dataset", "gmm", "--out-dir", toy, "--steps", 2, "--sample-every", 0, *FAST)
-    for task in (("--inpaint", "right-half"), ("--interpolate", 4)):
+    for task in (("--inpaint", "right-half"), ("--interpolate", 4), ("--data-init",)):
         line = in_process(capsys, monkeypatch, "--out-dir", toy, "--device", "cpu", *task)
         assert "need a run on images" in line and "gmm" in line
