@@ -17,10 +17,16 @@ Two tasks of the papers run the same chain: inpainting [Song & Ermon 2019, Figur
 fresh draws of their noisy versions, so the free ones follow the conditional; interpolation [Song & Ermon 2020]
 runs chains from one start whose noise turns from one stream to another, cos(a) z_p + sin(a) z_q.
 
-`python langevin.py` redraws Figure 3 of [Song & Ermon 2019] (§7) with the exact scores of
-p = 1/5 N((-5, -5), I) + 4/5 N((5, 5), I) and of the authors' annealed versions of it (the mixture whose modes have
-standard deviation sigma, for sigma = 20 -> 1): Langevin keeps the wrong mode weights, annealed Langevin recovers
-them, with unit-variance modes. It prints each panel's mode weights and per-mode variances.
+`python langevin.py` redraws the three problems of naive score-based modelling (§7) into figures/:
+- gmm_figure3.png, Figure 3 of [Song & Ermon 2019] (slow mixing), with the exact scores of
+  p = 1/5 N((-5, -5), I) + 4/5 N((5, 5), I) and of the authors' annealed versions of it (the mixture whose modes have
+  standard deviation sigma, for sigma = 20 -> 1): Langevin keeps the wrong mode weights, annealed Langevin recovers
+  them, with unit-variance modes. It prints each panel's mode weights and per-mode variances.
+- gmm_score_fields.png, Figure 2 of [Song & Ermon 2019] (low density regions): grad log p of the same mixture beside
+  a small network s_theta trained without noise levels; the Fisher divergence 1/2 E_p |s_theta - grad log p|^2 that
+  training minimises is small, the same error where p is small is large. It prints both.
+- manifold_scores.png (the manifold hypothesis): p uniform on a circle has no score off it; the score of
+  q_sigma = p * N(0, sigma^2 I) points to the circle with size distance / sigma^2. It prints the largest size.
 """
 import math
 
@@ -310,25 +316,107 @@ def figure3(n_samples=2000, seed=0):
     return {"(a) exact samples": exact, "(b) Langevin dynamics": langevin, "(c) annealed Langevin dynamics": annealed}
 
 
-def main():
-    import argparse
-    import os
+# ---- Figure 2 of Song & Ermon (2019): scores are learned only where the data is (notes §7) -----------------------
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _gmm_log_density(x):
+    """log p(x) of the mixture at level 1, log sum_k w_k N(x; mu_k, I); x: (B, 2) -> (B,)."""
+    means = torch.tensor(_GMM_MEANS, dtype=x.dtype, device=x.device)  # (K, 2)
+    log_weights = torch.tensor(_GMM_WEIGHTS, dtype=x.dtype, device=x.device).log()  # (K,)
+    return (log_weights - (x[:, None, :] - means).pow(2).sum(-1) / 2).logsumexp(dim=1) - math.log(2 * math.pi)
 
-    parser = argparse.ArgumentParser(description="Redraw Figure 3 of Song & Ermon (2019) with exact scores.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default="figures/gmm_figure3.png", help="where to save the PNG")
-    parser.add_argument("--n-samples", type=int, default=2000, help="samples per panel")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the samples, the start and the chains")
-    args = parser.parse_args()
-    if args.n_samples < 2:
-        parser.error(f"--n-samples must be >= 2, got {args.n_samples}")
 
-    panels = figure3(args.n_samples, args.seed)
-    print(f"{args.n_samples} samples per panel; a sample belongs to the mode (-5,-5) when x1 + x2 < 0, else to (5,5)")
+def _box_grid(n, half_width, dtype=torch.float32):
+    """The n x n grid over [-half_width, half_width]^2, row by row (x1 varies fastest): (n * n, 2)."""
+    ticks = torch.linspace(-half_width, half_width, n, dtype=dtype)
+    x2, x1 = torch.meshgrid(ticks, ticks, indexing="ij")
+    return torch.stack([x1, x2], dim=-1).reshape(-1, 2)
+
+
+def figure2(n_steps=2000, sigma=0.1, batch_size=512, lr=3e-3, hidden=128, n_grid=20, low_density=1e-3, seed=0):
+    """Figure 2 of [Song & Ermon 2019, Section 3.2.1] (notes §7, low density regions): a score network s_theta(x)
+    without noise levels, trained on exact samples of p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I), matches grad log p
+    near the modes and not between them, because its objective, the Fisher divergence 1/2 E_p |s_theta - grad log
+    p|^2, weighs each x by p(x).
+
+    Training is plain denoising score matching (notes §4) at one small sigma, 1/2 E |s_theta(x + sigma z) + z/sigma|^2,
+    whose minimiser grad log q_sigma is grad log p up to O(sigma^2); Adam with a learning rate decaying linearly to 0.
+    The error 1/2 |s_theta - grad log p|^2 is averaged (a) under p, over 10^4 fresh samples; (b) uniformly over
+    [-8, 8]^2 and (c) over its part where p < low_density * max p, both on a 161 x 161 grid.
+    Returns {"points": (n_grid^2, 2) arrow positions, the centres of n_grid^2 tiles of [-8, 8]^2, "score":
+    grad log p there, "learned": s_theta there, "s_theta": the network, "error_p", "error_box", "error_low": (a),
+    (b), (c), "low_fraction": the fraction of the box where p < low_density * max p}.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the network's initialisation from the seed, the global RNG untouched
+        torch.manual_seed(seed)
+        s_theta = torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, hidden),
+                                      torch.nn.SiLU(), torch.nn.Linear(hidden, 2))  # R^2 -> R^2, no sigma input
+    optimizer = torch.optim.Adam(s_theta.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(n_steps, 1))
+    for _ in range(n_steps):
+        x = _gmm_sample(batch_size, g)  # (B, 2), exact samples of p
+        z = torch.randn(x.shape, generator=g)  # (B, 2)
+        loss = 0.5 * (s_theta(x + sigma * z) + z / sigma).pow(2).sum(1).mean()  # denoising score matching
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+
+    with torch.no_grad():
+        error = lambda x: 0.5 * (s_theta(x) - _gmm_score(x)).pow(2).sum(1)  # noqa: E731  (B,)
+        box = _box_grid(161, 8.0)  # (161^2, 2)
+        log_p_max = _gmm_log_density(torch.tensor(_GMM_MEANS)).max()  # at the heavy mode's centre
+        low = _gmm_log_density(box) < log_p_max + math.log(low_density)  # (161^2,)
+        error_box = error(box)
+        points = _box_grid(n_grid, 8.0 * (1 - 1 / n_grid))  # the centres of n_grid x n_grid tiles of the box
+        return {"points": points, "score": _gmm_score(points), "learned": s_theta(points), "s_theta": s_theta,
+                "error_p": error(_gmm_sample(10_000, g)).mean().item(), "error_box": error_box.mean().item(),
+                "error_low": error_box[low].mean().item(), "low_fraction": low.float().mean().item()}
+
+
+# ---- The manifold hypothesis: data on a curve has no score off it (notes §7) --------------------------------------
+
+def _circle(n_points, radius):
+    """n_points equally spaced on the circle |x| = radius, float64: (n_points, 2)."""
+    theta = torch.arange(n_points, dtype=torch.float64) * (2 * math.pi / n_points)
+    return radius * torch.stack([theta.cos(), theta.sin()], dim=1)
+
+
+def _curve_score(x, curve, sigma):
+    """grad log q_sigma(x) for p uniform on the points y_j of `curve` (M, 2): q_sigma = 1/M sum_j N(x; y_j, sigma^2 I),
+    so grad log q_sigma(x) = sum_j w_j (y_j - x) / sigma^2 with w = softmax_j(-|x - y_j|^2 / (2 sigma^2)).
+    x: (B, 2) -> (B, 2). The logits drop the |x|^2 common to every j, and the softmax subtracts the largest, so
+    points far from the curve, where every Gaussian underflows, still get their score."""
+    logits = (x @ curve.T - curve.pow(2).sum(1) / 2) / sigma ** 2  # (B, M): -|x - y_j|^2 / 2 sigma^2, up to |x|^2
+    return (logits.softmax(dim=1) @ curve - x) / sigma ** 2  # (B, 2)
+
+
+def manifold_scores(sigmas=(0.5, 0.2, 0.1, 0.05), radius=2.0, n_curve=2000, n_grid=200, half_width=4.0):
+    """The manifold hypothesis (notes §7; [Song & Ermon 2019, Section 3.1]): p uniform on the circle |x| = radius, a
+    1-D curve in R^2, has no density in R^2 and no score off the curve, so score matching has nothing to match there.
+    Its noised version q_sigma = p * N(0, sigma^2 I) (notes §8) has a score everywhere,
+
+        grad log q_sigma(x) -> (nearest point of the curve - x) / sigma^2    as sigma -> 0,
+
+    of size distance / sigma^2: it blows up off the curve as sigma -> 0. The curve is discretised into n_curve
+    points (the quadrature of _curve_score). Returns {"points": the (n_grid^2, 2) grid on [-half_width,
+    half_width]^2 (float64), "curve": the (n_curve, 2) points, "scores": {sigma: (n_grid^2, 2) score on the grid}}.
+    """
+    curve = _circle(n_curve, radius)
+    points = _box_grid(n_grid, half_width, dtype=torch.float64)
+    scores = {sigma: torch.empty_like(points) for sigma in sigmas}  # (n_grid^2, 2) each
+    for sigma, score in scores.items():
+        for chunk, out in zip(points.split(512), score.split(512)):  # (512, M) logits at a time
+            out.copy_(_curve_score(chunk, curve, sigma))  # written in place: glibc then reuses the freed blocks
+    return {"points": points, "curve": curve, "scores": scores}
+
+
+# ---- python langevin.py: the three figures of notes §7 ---------------------------------------------------------
+
+def _plot_figure3(plt, out, n_samples, seed):
+    """Figure 3: the samples of figure3(), with each panel's mode weights and per-mode variances printed."""
+    panels = figure3(n_samples, seed)
+    print(f"{n_samples} samples per panel; a sample belongs to the mode (-5,-5) when x1 + x2 < 0, else to (5,5)")
     print(f"  {'':32s} {'weights':>15s}   {'variance of x1, x2 in each mode':>34s}")
     print(f"  {'target':32s} {_GMM_WEIGHTS[0]:.3f} / {_GMM_WEIGHTS[1]:.3f}   "
           f"{'(1.000, 1.000) / (1.000, 1.000)':>34s}")
@@ -348,9 +436,125 @@ def main():
     fig.suptitle("p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I), exact scores; (c) with the authors' levels 20 -> 1",
                  fontsize=12)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"saved {args.out}")
+    fig.savefig(out, dpi=120)
+    print(f"saved {out}")
+
+
+def _plot_figure2(plt, out, seed):
+    """Figure 2: grad log p and s_theta as arrows at one scale over p in orange (darker: denser); the red curves
+    p = 1e-3 max p enclose the regions where the two agree (the paper's red rectangles)."""
+    import matplotlib.colors
+
+    sigma, n_steps = 0.1, 2000
+    result = figure2(n_steps=n_steps, sigma=sigma, seed=seed)
+    print(f"s_theta without noise levels: {n_steps} steps of denoising score matching at sigma = {sigma:g} on exact "
+          f"samples of p")
+    print(f"  {'averaged':50s} {'1/2 |s_theta - grad log p|^2':>28s}")
+    print(f"  {'under p (the Fisher divergence training minimises)':50s} {result['error_p']:28.3f}")
+    print(f"  {'uniformly over [-8, 8]^2':50s} {result['error_box']:28.3f}")
+    low = f"where p < 1e-3 max p ({100 * result['low_fraction']:.0f}% of the box)"
+    print(f"  {low:50s} {result['error_low']:28.3f}")
+
+    density = _gmm_log_density(_box_grid(400, 8.0)).exp().reshape(400, 400)  # (400, 400) pixels, rows along x2
+    threshold = _gmm_log_density(torch.tensor(_GMM_MEANS)).exp().max().item() * 1e-3
+    points, fields = result["points"], {r"$\nabla_x \log p(x)$, exact": result["score"],
+                                        r"$s_\theta(x)$, learned without noise levels": result["learned"]}
+    scale = result["score"].norm(dim=1).max().item()  # score per unit of length: the longest exact arrow is 1 long
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6.2), sharex=True, sharey=True, layout="constrained")
+    for ax, (title, field) in zip(axes, fields.items()):
+        ax.imshow(density, extent=(-8, 8, -8, 8), origin="lower", cmap="Oranges",
+                  norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=density.max().item()))  # the light mode shows
+        ax.contour(density, levels=[threshold], extent=(-8, 8, -8, 8), colors="red", linewidths=1.5,
+                   linestyles="--")
+        ax.quiver(points[:, 0], points[:, 1], field[:, 0], field[:, 1], angles="xy", scale_units="xy", scale=scale,
+                  width=0.0035, color="black")
+        ax.set_title(title, fontsize=13)
+        ax.set_xlim(-8, 8)
+        ax.set_ylim(-8, 8)
+        ax.set_aspect("equal")
+    fig.suptitle("Figure 2 of Song & Ermon (2019), notes §7: the score is learned only where the data is\n"
+                 rf"$\frac{{1}}{{2}}|s_\theta - \nabla_x \log p|^2$ = {result['error_p']:.3f} under p, "
+                 f"{result['error_low']:.1f} where p < 1e-3 max p (outside the red curves); "
+                 "p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I)", fontsize=12)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # constrained layout alone crops the tick labels
+    print(f"saved {out}")
+
+
+def _plot_manifold(plt, out, sigmas=(0.5, 0.2, 0.1, 0.05)):
+    """The manifold hypothesis: the score of q_sigma for the largest and the smallest sigma, its direction as arrows
+    over log10 of its size; the largest size on the grid printed for every sigma, against 1 / sigma^2."""
+    import matplotlib.colors
+
+    n_grid, half_width, radius = 200, 4.0, 2.0
+    result = manifold_scores(sigmas, radius=radius, n_grid=n_grid, half_width=half_width)
+    distance = math.hypot(half_width, half_width) - radius  # the grid's largest distance to the circle, at a corner
+    print(f"p uniform on the circle |x| = {radius:g} ({len(result['curve'])} points), q_sigma = p * N(0, sigma^2 I), "
+          f"on the {n_grid} x {n_grid} grid over [-{half_width:g}, {half_width:g}]^2:")
+    print(f"  {'sigma':>6s} {'max |grad log q_sigma|':>24s} {'sigma^2 max |grad log q_sigma|':>32s}")
+    for sigma, score in result["scores"].items():
+        size = score.norm(dim=1).max().item()
+        print(f"  {sigma:6.2f} {size:24.1f} {sigma ** 2 * size:32.3f}")
+    print(f"  (distance / sigma^2 at the grid's corners, whose distance to the circle is {distance:.3f})")
+
+    panels = {sigma: result["scores"][sigma].reshape(n_grid, n_grid, 2) for sigma in (max(sigmas), min(sigmas))}
+    log_sizes = {sigma: score.norm(dim=-1).log10() for sigma, score in panels.items()}  # (n_grid, n_grid) each
+    norm = matplotlib.colors.Normalize(vmin=-1, vmax=max(s.max().item() for s in log_sizes.values()))
+    every = n_grid // 20  # 20 x 20 arrows, at the centres of 20 x 20 tiles
+    arrows = result["points"].reshape(n_grid, n_grid, 2)[every // 2::every, every // 2::every].reshape(-1, 2)
+    curve = torch.cat([result["curve"], result["curve"][:1]])  # (M + 1, 2), closed
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6), sharex=True, sharey=True, layout="constrained")
+    for ax, (sigma, score) in zip(axes, panels.items()):
+        image = ax.imshow(log_sizes[sigma], extent=(-half_width, half_width) * 2, origin="lower", cmap="viridis",
+                          norm=norm)
+        direction = score[every // 2::every, every // 2::every].reshape(-1, 2)
+        direction = direction / direction.norm(dim=1, keepdim=True)  # unit arrows: the direction only
+        ax.quiver(arrows[:, 0], arrows[:, 1], direction[:, 0], direction[:, 1], angles="xy", scale_units="xy",
+                  scale=20 / (0.6 * 2 * half_width), width=0.004, color="white")
+        ax.plot(curve[:, 0], curve[:, 1], color="red", linewidth=1.5)
+        ax.set_title(rf"$\sigma$ = {sigma:g}: max $|\nabla_x \log q_\sigma|$ = {score.norm(dim=-1).max():.0f}",
+                     fontsize=13)
+        ax.set_xlim(-half_width, half_width)
+        ax.set_ylim(-half_width, half_width)
+        ax.set_aspect("equal")
+    fig.colorbar(image, ax=axes, shrink=0.85, label=r"$\log_{10} |\nabla_x \log q_\sigma(x)|$")
+    fig.suptitle(r"The manifold hypothesis, notes §7: p uniform on a circle (red) has no score off it; "
+                 "\n" r"$q_\sigma = p * N(0, \sigma^2 I)$ has one everywhere: towards the circle (arrows), "
+                 r"of size distance / $\sigma^2$", fontsize=12)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # constrained layout alone crops the tick labels
+    print(f"saved {out}")
+
+
+def main():
+    import argparse
+    import os
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parser = argparse.ArgumentParser(
+        description="Redraw the three problems of notes §7 into OUT_DIR: gmm_figure3.png (Figure 3 of Song & Ermon "
+                    "2019: Langevin mixes slowly between modes, annealing fixes it), gmm_score_fields.png (their "
+                    "Figure 2: a score learned without noise levels is wrong where data is rare), manifold_scores.png "
+                    "(data on a circle has no score off it; the score of its noised version blows up as sigma -> 0).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out-dir", default="figures", help="where to save the three PNGs")
+    parser.add_argument("--n-samples", type=int, default=2000, help="samples per panel of Figure 3")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of Figure 3's samples, start and chains, and of Figure 2's training")
+    args = parser.parse_args()
+    if args.n_samples < 2:
+        parser.error(f"--n-samples must be >= 2, got {args.n_samples}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    # Small 2-D problems: a second intra-op thread only adds a synchronisation per op, and stalls for seconds at a
+    # time when other processes share the cores (Figure 2's training then took minutes instead of seconds).
+    torch.set_num_threads(1)
+
+    _plot_figure3(plt, os.path.join(args.out_dir, "gmm_figure3.png"), args.n_samples, args.seed)
+    print()
+    _plot_figure2(plt, os.path.join(args.out_dir, "gmm_score_fields.png"), args.seed)
+    print()
+    _plot_manifold(plt, os.path.join(args.out_dir, "manifold_scores.png"))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Tests for langevin.py (notes §6, §7, §9): closed forms of Langevin dynamics on Gaussians, mode weights of the
-two-mode mixture `gmm` and Figure 3, Tweedie's denoising step, inpainting as exact conditioning, interpolation's
+two-mode mixture `gmm` and Figure 3, the learned score of Figure 2, the noised score of data on a circle (Bessel
+closed form and its sigma -> 0 limit), Tweedie's denoising step, inpainting as exact conditioning, interpolation's
 noise, and the samplers' contract (seeds, shapes, callbacks, bad input)."""
 import math
 
@@ -8,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from langevin import (_gmm_score, _mode_statistics, annealed_langevin_dynamics, annealed_langevin_inpainting,
-                      annealed_langevin_interpolation, figure3, langevin_dynamics)
+from langevin import (_curve_score, _gmm_sample, _gmm_score, _mode_statistics, annealed_langevin_dynamics,
+                      annealed_langevin_inpainting, annealed_langevin_interpolation, figure2, figure3,
+                      langevin_dynamics, manifold_scores)
 
 f64 = torch.float64
 
@@ -190,6 +192,78 @@ def test_figure3_panel_c_has_the_weights_and_unit_variance_modes():
             assert w_low - 0.2 > 5 * math.sqrt(0.2 * 0.8 / len(x)), title
         else:
             assert abs(w_low - 0.2) < 0.03 and abs(w_high - 0.8) < 0.03, (title, w_low, w_high)
+
+
+# ---- §7: Figure 2 (scores are learned only where the data is) and the manifold hypothesis ----------------------
+
+def test_figure2_learns_the_score_under_p_and_not_where_p_is_small():
+    # Under p the true score has 1/2 E_p |grad log p|^2 = 1/2 E|z|^2 = 1 (unit-variance modes): a 400-step network
+    # gets within a fifth of that, yet misses by over 20 times its error under p where p < 1e-3 max p. The box average
+    # splits into the low-density part and the rest, so it is at least low_fraction * error_low.
+    result = figure2(n_steps=400, hidden=64, batch_size=256, lr=1e-2, seed=0)
+    assert result["error_p"] < 0.2
+    assert result["error_low"] > 20 * result["error_p"]
+    assert result["error_box"] >= result["low_fraction"] * result["error_low"] - 1e-6
+    assert 0.5 < result["low_fraction"] < 0.9  # two disks of radius ~3.5 around the modes: 28% of the box
+    torch.testing.assert_close(result["score"], _gmm_score(result["points"]))
+    with torch.no_grad():
+        torch.testing.assert_close(result["learned"], result["s_theta"](result["points"]))
+        x = _gmm_sample(20_000, torch.Generator().manual_seed(1))  # an independent estimate of the error under p
+        error = 0.5 * (result["s_theta"](x) - _gmm_score(x)).pow(2).sum(1)
+    assert abs(error.mean().item() - result["error_p"]) < 5 * error.std().item() * math.sqrt(1 / 20_000 + 1 / 10_000)
+    untrained = figure2(n_steps=0, hidden=64, seed=0)
+    assert untrained["error_p"] > 5 * result["error_p"]  # the training, not the initialisation, fits the modes
+
+
+def test_figure2_seed_fixes_the_network_and_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    first, again, other = (figure2(n_steps=20, hidden=16, batch_size=32, seed=s) for s in (0, 0, 1))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(first["learned"], again["learned"]) and first["error_p"] == again["error_p"]
+    assert not torch.allclose(first["learned"], other["learned"])
+
+
+def test_curve_score_is_the_gradient_of_the_log_quadrature_density():
+    # Any point set y_j: log q_sigma(x) = logsumexp_j(-|x - y_j|^2 / 2 sigma^2) + const, differentiated by autograd,
+    # at points on and off the curve: at sigma = 0.05 most of them are so far that every Gaussian underflows.
+    g = torch.Generator().manual_seed(0)
+    curve = torch.randn(300, 2, generator=g, dtype=f64) * torch.tensor([2.0, 0.5], dtype=f64)
+    x = (torch.rand(256, 2, generator=g, dtype=f64) * 8 - 4).requires_grad_()
+    for sigma in (1.0, 0.3, 0.05):
+        log_q = (-(x[:, None, :] - curve).pow(2).sum(-1) / (2 * sigma ** 2)).logsumexp(dim=1)  # (B,)
+        torch.testing.assert_close(_curve_score(x.detach(), curve, sigma), torch.autograd.grad(log_q.sum(), x)[0])
+
+
+def test_circle_score_is_the_bessel_closed_form():
+    # p uniform on |y| = R: q_sigma(x) = exp(-(r^2 + R^2) / 2 sigma^2) I_0(r R / sigma^2) / (2 pi sigma^2), r = |x|, so
+    # grad log q_sigma = x/r (R I_1(z) / I_0(z) - r) / sigma^2 with z = r R / sigma^2: radial. 2000 points on the circle
+    # integrate it to rounding error (the trapezoid rule on a periodic integrand converges exponentially).
+    radius = 2.0
+    result = manifold_scores(sigmas=(1.0, 0.5, 0.1, 0.02), radius=radius, n_grid=16, half_width=4.0)
+    x = result["points"]
+    r = x.norm(dim=1, keepdim=True)  # (B, 1)
+    for sigma, score in result["scores"].items():
+        z = r * radius / sigma ** 2
+        exact = x / r * (radius * torch.special.i1e(z) / torch.special.i0e(z) - r) / sigma ** 2
+        torch.testing.assert_close(score, exact, rtol=1e-9, atol=1e-9)
+
+
+def test_circle_score_tends_to_nearest_point_minus_x_over_sigma_squared():
+    # Off the curve, sigma^2 grad log q_sigma(x) -> nearest point - x, with a gap sigma^2 / (2 r) (the circle's
+    # curvature, from I_1 / I_0 = 1 - 1/(2z) + ...); so |grad log q_sigma| grows like distance / sigma^2, and the grid's
+    # largest score sits at its corners, sqrt(32) - 2 from the circle.
+    radius = 2.0
+    result = manifold_scores(sigmas=(0.2, 0.1, 0.05, 0.02), radius=radius, n_grid=20, half_width=4.0)
+    x = result["points"]
+    r = x.norm(dim=1, keepdim=True)  # (B, 1), every grid point at r >= 0.29
+    nearest = radius * x / r
+    for sigma, score in result["scores"].items():
+        gap = (sigma ** 2 * score - (nearest - x)).norm(dim=1, keepdim=True)
+        assert (gap <= sigma ** 2 / r).all(), sigma
+        cross = x[:, 0] * score[:, 1] - x[:, 1] * score[:, 0]  # radial: x and the score are parallel
+        assert (cross.abs() <= 1e-9 * (r[:, 0] * score.norm(dim=1) + 1)).all(), sigma
+        largest = score.norm(dim=1).max().item()
+        assert abs(sigma ** 2 * largest - (math.sqrt(32) - radius)) <= sigma ** 2, sigma
 
 
 # ---- Tweedie's denoising step (Song & Ermon 2020) -------------------------------------------------------------
