@@ -9,6 +9,10 @@
 - MNIST [LeCun et al. 1998]: 70000 grey 28x28 digits (60000 train, 10000 test) as four gzipped IDX files,
   tried from `MNIST_MIRRORS` in order and md5-verified against `MNIST_MD5` (torchvision's values). Downloads go
   to `<data_dir>/MNIST/raw/` (torchvision's layout); the files, gzipped or not, are also found in `<data_dir>`.
+- Digits [Alpaydin & Kaynak 1998]: scikit-learn's 1797 grey 8x8 handwritten digits (`sklearn.datasets.load_digits`,
+  shipped with the package, no download), pixel counts 0..16 mapped to 0..255 by round(v * 255 / 16). There is no
+  official split: a permutation seeded with `DIGITS_SEED` (numpy's RandomState, whose stream numpy never changes)
+  holds out `DIGITS_HELD_OUT` = 297 images, the other 1500 train.
 - GMM: notes §7's mixture p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I) of [Song & Ermon 2019, Fig. 3], with the exact
   score of its noised version q_sigma (notes §8) so that learned scores can be compared with the truth.
 - Swiss roll: sklearn's `make_swiss_roll` in its (x, z) plane, divided by 5: t = 1.5 pi (1 + 2u), u ~ U(0, 1),
@@ -52,6 +56,8 @@ MNIST_MD5 = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
+DIGITS_SEED = 0
+DIGITS_HELD_OUT = 297  # of 1797: 1500 left to train on
 GMM_WEIGHTS = (0.2, 0.8)
 GMM_MEANS = ((-5.0, -5.0), (5.0, 5.0))
 GMM_STD = 1.0
@@ -238,6 +244,22 @@ def load_mnist(data_dir, train=True, download=True, progress=True, mirrors=MNIST
         raise DataError(f"MNIST {prefix} files disagree: images {images.shape}, labels {labels.shape}; "
                         f"expected (N, 28, 28) and (N,)")
     return torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, 28, 28); copy: frombuffer is read-only
+
+
+def load_digits(train=True):
+    """scikit-learn's 8x8 digits [Alpaydin & Kaynak 1998] as uint8 (N, 1, 8, 8): the 1500 training or 297 held-out."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as error:
+        raise DataError(f"the 8x8 digits come with scikit-learn, which is not installed ({_one_line(error)}); "
+                        "pip install scikit-learn") from None
+    counts = sklearn_digits().images.astype(np.int64)  # (1797, 8, 8), ink counts 0..16 as float64
+    images = ((counts * 255 + 8) // 16).astype(np.uint8)  # round(v * 255 / 16) in integers: 8 -> 127.5 -> 128
+    # A fixed permutation: RandomState, whose stream numpy keeps across versions (NEP 19), where default_rng's
+    # permutation may change; the held-out digits are the same on every machine and numpy.
+    order = np.random.RandomState(DIGITS_SEED).permutation(len(images))  # (1797,)
+    chosen = order[DIGITS_HELD_OUT:] if train else order[:DIGITS_HELD_OUT]
+    return torch.from_numpy(images[chosen]).unsqueeze(1)  # (N, 1, 8, 8); fancy indexing copies: writable
 
 
 def _expand_like(t, x):

@@ -1,6 +1,7 @@
 """Tests of data.py: downloads through the real code path from a loopback HTTP server serving small files in the
 exact upstream formats (CIFAR-10's python archive, MNIST's gzipped IDX files), their verification and safe
-extraction, batching on the device, and the 2-D toy sets against closed forms (notes §7, §8)."""
+extraction, scikit-learn's digits against its raw counts, batching on the device, and the 2-D toy sets against
+closed forms (notes §7, §8)."""
 import gzip
 import hashlib
 import http.server
@@ -10,6 +11,7 @@ import os
 import pickle
 import socket
 import struct
+import sys
 import tarfile
 import threading
 from types import SimpleNamespace
@@ -20,7 +22,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from data import (GMM_MEANS, GMM_STD, GMM_WEIGHTS, ImageData, DataError, gmm_noisy_score, load_cifar10, load_mnist,
+from data import (GMM_MEANS, GMM_STD, GMM_WEIGHTS, ImageData, DataError, gmm_noisy_score, load_cifar10, load_digits,
+                  load_mnist,
                   mmd, sample_gmm, sample_swissroll, toy_quality)
 
 PIXEL = (5, 7)  # (row, col) of a planted pixel with distinct R, G, B; row != col catches a transposed layout
@@ -294,6 +297,41 @@ def test_mnist_without_network_names_every_url_and_the_folder(tmp_path):
         load_mnist(tmp_path, download=False)
     assert "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-labels-idx1-ubyte.gz (from" in str(
         error.value)
+
+
+# ---------------------------------------------------------------- scikit-learn's 8x8 digits
+
+def image_set(images):
+    """The images of a stack (N, ...), each as bytes, so that whole images can be compared as sets."""
+    return {bytes(row) for row in np.asarray(images).reshape(len(images), -1)}
+
+
+def test_digits_are_sklearns_counts_scaled_to_uint8_and_split_once_the_same_way_every_time():
+    """1500 training and 297 held-out images that together are sklearn's 1797 exactly once each, every pixel count v
+    in 0..16 mapped to round(v * 255 / 16), drawn from the whole set (not its head or tail), the same on every call."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    train, held_out = load_digits(train=True), load_digits(train=False)
+    assert train.dtype == held_out.dtype == torch.uint8
+    assert train.shape == (1500, 1, 8, 8) and held_out.shape == (297, 1, 8, 8)
+    counts = sklearn_datasets.load_digits().images.astype(int)  # (1797, 8, 8), ink counts 0..16
+    table = np.array([round(v * 255 / 16) for v in range(17)], dtype=np.uint8)  # 8 -> 127.5 -> 128 either way
+    assert table[[0, 1, 8, 15, 16]].tolist() == [0, 16, 128, 239, 255]
+    expected = table[counts].reshape(-1, 64)  # (1797, 64)
+    # sklearn's 1797 images are distinct, so equal sets of rows mean: no image twice, none left out, none altered.
+    assert len(np.unique(expected, axis=0)) == 1797
+    assert image_set(train) | image_set(held_out) == image_set(expected)
+    assert len(image_set(train)) == 1500 and len(image_set(held_out)) == 297  # no image twice within a split
+    assert not image_set(train) & image_set(held_out)
+    assert image_set(held_out) not in (image_set(expected[:297]), image_set(expected[-297:]))
+    assert torch.equal(load_digits(train=True), train) and torch.equal(load_digits(train=False), held_out)
+
+
+def test_digits_without_scikit_learn_say_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn... now raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(DataError, match="pip install scikit-learn") as error:
+        load_digits()
+    assert "\n" not in str(error.value)
 
 
 # ---------------------------------------------------------------- batches on the device

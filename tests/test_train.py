@@ -88,11 +88,15 @@ def write_mnist_raw(root, n=16):
             f.write(struct.pack(">2I", 0x801, n) + bytes(n))
 
 
-@pytest.mark.parametrize("dataset", ["cifar10", "mnist"])
+@pytest.mark.parametrize("dataset", ["cifar10", "mnist", "digits"])
 def test_image_sets_train_and_sample_py_writes_uint8_npz(tmp_path, dataset):
-    """The U-Net path: data found on disk (no download), a few steps, a grid PNG, then sample.py -n N."""
+    """The U-Net path: data found on disk (no download), or scikit-learn's digits (no data folder at all), a few
+    steps, a grid PNG, then sample.py -n N."""
     data_dir = tmp_path / "data"
-    write_cifar_folder(data_dir) if dataset == "cifar10" else write_mnist_raw(data_dir)
+    if dataset == "cifar10":
+        write_cifar_folder(data_dir)
+    elif dataset == "mnist":
+        write_mnist_raw(data_dir)
     # The md5 of the fake MNIST .gz files is not the published one, so the loader must not be asked to check it:
     # uncompressed IDX files are what the test leaves for MNIST.
     if dataset == "mnist":
@@ -106,9 +110,26 @@ def test_image_sets_train_and_sample_py_writes_uint8_npz(tmp_path, dataset):
     assert (out / "samples" / "step_0000002.png").exists()
     result = sample("--out-dir", out, "-n", 6, "--batch-size", 4, "--device", "cpu")
     samples = np.load(out / "samples.npz")["arr_0"]
-    shape = (6, 32, 32, 3) if dataset == "cifar10" else (6, 28, 28, 1)
+    shape = {"cifar10": (6, 32, 32, 3), "mnist": (6, 28, 28, 1), "digits": (6, 8, 8, 1)}[dataset]
     assert samples.dtype == np.uint8 and samples.shape == shape, result.stdout
     assert (out / "samples.png").exists()
+    if dataset == "digits":
+        assert not data_dir.exists()  # nothing read from or written to --data-dir
+        import data
+        import ncsn
+        config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+        assert config["shape"] == [1, 8, 8] and config["architecture"]["image_size"] == 8
+        # Technique 1 over the 1500 training digits in [0, 1]: the run read data.load_digits(train=True).
+        sigma_1 = ncsn.max_pairwise_distance(data.load_digits(train=True).float() / 255)
+        assert config["sigmas"][0] == pytest.approx(sigma_1, rel=1e-6)
+
+
+def test_only_cifar10_is_flipped():
+    """Random horizontal flips suit CIFAR-10's photographs, not digits (a mirrored 2 is no digit)."""
+    import train
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    for dataset, flip in (("cifar10", True), ("mnist", False), ("digits", False)):
+        assert train.data_source(dict(dataset=dataset, shape=[1, 8, 8]), images, "cpu").flip == flip, dataset
 
 
 def test_sample_py_on_2d_data_writes_float_points_from_the_ema_weights(tmp_path):
@@ -215,7 +236,8 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert_one_line_error(run("--steps", "-3", check=False), "--steps")
     assert_one_line_error(run("--lr", "0", check=False), "--lr")
     assert_one_line_error(run("--steps", "ten", check=False), "--steps")
-    assert_one_line_error(run("--dataset", "cifar10", "--objective", "exact", check=False), "exact")
+    assert_one_line_error(run("--dataset", "cifar10", "--objective", "exact", check=False), "exact", "D = 3072")
+    assert_one_line_error(run("--dataset", "digits", "--objective", "exact", check=False), "exact", "D = 64 for digits")
     assert_one_line_error(run("--sample", 4, check=False), "python sample.py")  # sampling moved there
     assert_one_line_error(run("--sample", 4, "--sample-batch-size", 2, check=False), "-n 4 --batch-size 2")
     assert_one_line_error(run("--sample-ev", 4, check=False), "unrecognized arguments")  # no abbreviations
