@@ -257,8 +257,11 @@ def _pyplot():
 
 
 def save_grid(images, path):
-    """(N, C, H, W) in [0, 1] -> one PNG, a square-ish grid with 2-pixel gaps."""
+    """(N, C, H, W) in [0, 1] -> one PNG, a square-ish grid with 2-pixel gaps; images smaller than 32x32 are
+    magnified by a whole factor (each pixel a square), so that 8x8 digits are not a thumbnail."""
     plt = _pyplot()
+    zoom = max(1, 32 // images.shape[-1])
+    images = images.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1)  # (N, C, zoom H, zoom W)
     n = images.shape[0]
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)

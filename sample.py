@@ -36,6 +36,7 @@ from langevin import annealed_langevin_inpainting, annealed_langevin_interpolati
 from runs import RunError
 
 MASKS = ("right-half", "center", "random")
+HIDDEN_COLOUR = torch.tensor([0.25, 0.45, 0.85])  # hidden pixels in the figure: a blue no image set is made of
 HELDOUT = {  # the held-out images of each image set: what inpainting completes
     "cifar10": lambda data_dir: data.load_cifar10(data_dir, train=False),
     "mnist": lambda data_dir: data.load_mnist(data_dir, train=False),
@@ -242,12 +243,14 @@ def inpaint(args, model, config, out_dir, device):
     completions = run_chains(model, config, known, mask, generator, args.batch_size, "inpaint")
     completions = completions.clamp(low, high).cpu().unflatten(0, (n, m))  # (n, m, C, H, W)
     check_finite(completions.flatten(0, 1), "completions")
-    masked = torch.where(masks.bool(), images, 0.5)  # hidden pixels shown grey
+    shown = images.expand(-1, 3, -1, -1)  # in colour, so that hidden pixels stand out even on grey images
+    masked = torch.where(masks.bool(), shown, HIDDEN_COLOUR.reshape(1, 3, 1, 1))
     os.makedirs(out_dir, exist_ok=True)
     path, figure = os.path.join(out_dir, "inpainting.npz"), os.path.join(out_dir, "inpainting.png")
     save_npz(path, originals=as_uint8(images), masks=masks[:, 0].bool().numpy(), completions=as_uint8(completions))
     titles = ["original", "masked"] + [f"completion {j + 1}" for j in range(m)]
-    runs.save_rows(torch.cat([images.unsqueeze(1), masked.unsqueeze(1), completions], 1), figure, titles)
+    runs.save_rows(torch.cat([shown.unsqueeze(1), masked.unsqueeze(1), completions.expand(-1, -1, 3, -1, -1)], 1),
+                   figure, titles)
     print(f"wrote {path} (originals, masks, completions {tuple(completions.shape)}) and {figure}")
     return path
 
