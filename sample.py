@@ -240,7 +240,7 @@ def inpaint(args, model, config, out_dir, device):
     hidden = 1 - masks.mean().item()
     print(f"inpainting {n} held-out images of {config['dataset']}, {hidden:.0%} of the pixels hidden "
           f"({kind}), {m} completions each")
-    completions = run_chains(model, config, known, mask, generator, args.batch_size, "inpaint")
+    completions = inpaint_chains(model, config, known, mask, generator, args.batch_size, "inpaint")
     completions = completions.clamp(low, high).cpu().unflatten(0, (n, m))  # (n, m, C, H, W)
     check_finite(completions.flatten(0, 1), "completions")
     shown = images.expand(-1, 3, -1, -1)  # in colour, so that hidden pixels stand out even on grey images
@@ -255,7 +255,7 @@ def inpaint(args, model, config, out_dir, device):
     return path
 
 
-def run_chains(model, config, known, mask, generator, batch_size, desc):
+def inpaint_chains(model, config, known, mask, generator, batch_size, desc):
     """annealed_langevin_inpainting on chunks of at most batch_size chains, each from the uniform prior."""
     low, high = config["data_range"]
     sigmas, n_steps_each, step_size = config["sigmas"], config["n_steps_each"], config["step_size"]
