@@ -109,6 +109,10 @@ def parse_args(argv=None):
     g.add_argument("--channels", type=int, help=f"U-Net base width, image sets ({preset_help('channels')})")
     g.add_argument("--hidden", type=int, help=f"MLP width, 2-D sets ({preset_help('hidden')})")
     g.add_argument("--ema-decay", type=float, help=f"EMA decay of the weights ({preset_help('ema_decay')})")
+    g.add_argument("--grad-clip", type=float, help="clip the gradients' global norm to this before each step; 0 "
+                                                   "turns it off (default: 0, as every preset)")
+    g.add_argument("--warmup", type=int, help="raise the learning rate linearly from lr/W to lr over the first W "
+                                              "steps; 0 turns it off (default: 0, as every preset)")
     g.add_argument("--objective", choices=["dsm", "ssm", "exact"],
                    help="denoising (§4), sliced with variance reduction (§5) or exact (§3) score matching, "
                         "each sigma^2-weighted over the noise levels; exact is for 2-D data only (default: dsm)")
@@ -139,9 +143,11 @@ def parse_args(argv=None):
                         ("n_steps_each", 1)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
-    for name in ("log_every", "ckpt_every", "sample_every"):
+    for name in ("log_every", "ckpt_every", "sample_every", "warmup"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got {getattr(args, name)}")
+    if args.grad_clip is not None and not 0 <= args.grad_clip < math.inf:
+        p.error(f"--grad-clip must be >= 0 and finite (0 turns it off), got {args.grad_clip}")
     for name in ("lr", "sigma_max", "sigma_min", "step_size"):
         if getattr(args, name) is not None and not 0 < getattr(args, name) < math.inf:
             p.error(f"--{name.replace('_', '-')} must be > 0 and finite, got {getattr(args, name)}")
@@ -241,6 +247,7 @@ def resumed_settings(saved):
     """A checkpoint config's settings in the presets' terms: a resumed run keeps them unless a flag changes them."""
     settings = {key: saved[key] for key in ("steps", "batch_size", "lr", "ema_decay", "n_steps_each", "step_size",
                                             "log_every", "ckpt_every", "sample_every", "n_grid")}
+    settings.update(grad_clip=saved.get("grad_clip", 0.0), warmup=saved.get("warmup", 0))  # older runs had neither
     settings.update(sigma_max=saved["sigmas"][0], sigma_min=saved["sigmas"][-1], n_sigmas=len(saved["sigmas"]))
     settings.update({key: saved["architecture"][key] for key in ("channels", "hidden")
                      if key in saved["architecture"]})
@@ -252,7 +259,7 @@ def resolve_config(args, identity, train_data, device, saved, is_main):
     left open (None): sigma_1 is the largest distance between training points (1), L follows from the ratio gamma(D)
     (2), the step size from f(eps) (4)."""
     dataset, images = identity["dataset"], identity["dataset"] in IMAGE_SETS
-    preset = dict(PRESETS[dataset], **(resumed_settings(saved) if saved else {}))
+    preset = {"grad_clip": 0.0, "warmup": 0, **PRESETS[dataset], **(resumed_settings(saved) if saved else {})}
     preset.update({key: getattr(args, key) for key in preset if getattr(args, key, None) is not None})
     if images:
         architecture = dict(kind="NCSN", in_channels=int(train_data.shape[1]), channels=preset["channels"],
@@ -280,7 +287,8 @@ def resolve_config(args, identity, train_data, device, saved, is_main):
         step_size = ncsn.recommended_step_size(sigmas, preset["n_steps_each"], dim)
     return dict(identity, shape=list(train_data.shape[1:]), data_range=list(DATA_RANGES[dataset]),
                 architecture=architecture, sigmas=sigmas, n_steps_each=preset["n_steps_each"],
-                step_size=float(step_size), lr=preset["lr"], batch_size=preset["batch_size"],
+                step_size=float(step_size), lr=preset["lr"], grad_clip=float(preset["grad_clip"]),
+                warmup=preset["warmup"], batch_size=preset["batch_size"],
                 ema_decay=preset["ema_decay"], steps=preset["steps"], log_every=preset["log_every"],
                 ckpt_every=preset["ckpt_every"], sample_every=preset["sample_every"], n_grid=preset["n_grid"])
 
@@ -401,6 +409,21 @@ def resume(ckpt, config, model, ema, optimizer, generators, ckpt_path, rank, wor
         changed = "".join(f"; {k} {saved[k]} -> {v}" for k, v in config.items() if k in saved and saved[k] != v)
         print(f"resuming from {ckpt_path} at step {ckpt['step']}{changed}")
     return ckpt["step"], generators, interval
+
+
+def learning_rate(config, step):
+    """The learning rate of step `step` (0-based): lr, after a linear warm-up over the first config["warmup"] steps."""
+    return config["lr"] * min(1.0, (step + 1) / config["warmup"]) if config["warmup"] else config["lr"]
+
+
+def optimizer_step(optimizer, model, config, step):
+    """Adam's step at learning_rate(config, step), the gradients' global norm first clipped to config["grad_clip"]
+    (when > 0). Clipping returns the norm as a tensor: no host sync."""
+    if config["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    optimizer.step()
 
 
 def check_same_step(step, world, device, out_dir):
@@ -554,7 +577,7 @@ def log_metrics(step, losses, band_stats, band_names, seconds, config, rank, wor
         for t in (values, band_stats):
             dist.all_reduce(t)
         values /= world
-    line = dict(step=step, loss=float(values.mean()), lr=config["lr"],
+    line = dict(step=step, loss=float(values.mean()), lr=learning_rate(config, step - 1),
                 images_per_s=len(values) * config["batch_size"] / seconds,
                 loss_per_sigma_band={name: float(s / max(c, 1)) for name, s, c in zip(band_names, *band_stats.cpu())})
     if rank == 0:
@@ -756,7 +779,7 @@ def train(args):
             loss = per_example.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, model, config, step)
             ema.update(model)
             step += 1
             bar.update(1)

@@ -259,6 +259,41 @@ def test_resume_keeps_the_runs_settings_unless_a_flag_changes_them(tmp_path):
     assert config["lr"] == 1e-4 and len(config["sigmas"]) == 8 and config["steps"] == 20
 
 
+def test_warmup_and_grad_clip_are_kept_by_the_checkpoint_and_resume_exactly(tmp_path):
+    """--warmup W raises the logged lr as lr (step + 1) / W; --grad-clip and --warmup live in the checkpoint's config,
+    and a run extended from its checkpoint ends with the weights of the same run made in one go."""
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    settings = ["--dataset", "gmm", "--sample-every", 0, "--warmup", 10, "--grad-clip", "0.5", "--lr", "1e-3", *FAST]
+    run("--out-dir", whole, "--steps", 20, *settings)
+    run("--out-dir", halves, "--steps", 10, *settings)
+    run("--out-dir", halves, "--steps", 20, "--device", "cpu")  # the rest from the checkpoint
+    lrs = [r["lr"] for r in metrics(whole) if "lr" in r]
+    assert lrs == [1e-3 * 10 / 10, 1e-3]  # steps 10 and 20 (0-based steps 9 and 19): warm-up done at the 10th
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (whole, halves))
+    assert (a["config"]["grad_clip"], a["config"]["warmup"]) == (b["config"]["grad_clip"], b["config"]["warmup"]) \
+        == (0.5, 10)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    early = tmp_path / "early"
+    run("--out-dir", early, "--steps", 5, *settings, "--log-every", 1)  # the last --log-every counts
+    assert [r["lr"] for r in metrics(early)] == pytest.approx([1e-4 * k for k in range(1, 6)])
+
+
+def test_grad_clip_bounds_the_global_norm_and_zero_leaves_gradients_alone():
+    import train
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    config = dict(lr=0.0, warmup=0, grad_clip=0.25)
+    for clip, expected in ((0.25, 0.25), (0.0, None)):
+        model.zero_grad()
+        (model(torch.ones(2, 4)) * 10).sum().backward()
+        before = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        train.optimizer_step(optimizer, model, dict(config, grad_clip=clip), step=0)
+        after = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        assert before > 1
+        assert after == pytest.approx(expected if expected else before, rel=1e-5)
+    assert [train.learning_rate(dict(lr=2.0, warmup=4), s) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+
+
 def test_non_finite_loss_stops_before_overwriting_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     run("--dataset", "gmm", "--out-dir", out, "--steps", 10, "--sample-every", 0, *FAST)
