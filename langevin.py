@@ -140,7 +140,7 @@ def annealed_langevin_dynamics(score_fn, x, sigmas, step_size, n_steps_each, den
 
 
 def _broadcast_to(t, x, name):
-    """t as a tensor of x's dtype and device that broadcasts against x without changing x's shape."""
+    """t as a tensor on x's device, checked to broadcast against x without changing x's shape."""
     t = torch.as_tensor(t, device=x.device)
     try:
         if torch.broadcast_shapes(t.shape, x.shape) == x.shape:
@@ -156,12 +156,14 @@ def annealed_langevin_inpainting(score_fn, x, known, mask, sigmas, step_size, n_
     """Inpainting by annealed Langevin dynamics [Song & Ermon 2019, Section 6 and Figure 6]: Algorithm 1 in which,
     before every update at level i, the known entries (mask == 1) are set to known + sigma_i z, with a fresh z.
 
-    At level i the chain then runs on q_sigma_i with the known entries held at a draw of their own noisy version, so
-    the free entries follow q_sigma_i(x_free | x_known) with x_known ~ N(known, sigma_i^2 I): the noised conditional,
-    which becomes the data's p(x_free | x_known = known) as sigma_i -> 0. Drawing x_known anew at every step, not once
-    per level, is the NCSN authors' code (NCSNv2 `anneal_Langevin_dynamics_inpainting`). With denoise, the known
-    entries are re-noised at sigma_L once more before the denoising step x + sigma_L^2 s(x, sigma_L), the posterior mean
-    of the free entries. The result holds `known` exactly where mask == 1.
+    The score thus sees the known entries at a new draw of their noisy version at every step, and the free entries
+    move under the drift averaged over those draws: for Gaussian data the drift of q_sigma_i(x_free | x_known = known)
+    exactly (the score is linear in x_known), for any data the conditional p(x_free | x_known = known) as sigma_i -> 0.
+    The 2019 paper's inpainting (its appendix and code) draws the noisy known values once per level and resets them
+    after every step; this is NCSNv2's code (`anneal_Langevin_dynamics_inpainting`), which draws them anew before
+    every step. Unlike both, a denoising step ends the chain by default, as in annealed_langevin_dynamics: the known
+    entries are re-noised at sigma_L once more, then x + sigma_L^2 s(x, sigma_L), the posterior mean of the free
+    entries. The result holds `known` exactly where mask == 1.
 
     score_fn, sigmas, step_size, n_steps_each, denoise, generator, callback: as in annealed_langevin_dynamics (the
         step at level i is alpha_i = step_size sigma_i^2 / sigma_L^2, the update x + alpha_i/2 s + sqrt(alpha_i) z).
@@ -213,12 +215,15 @@ def annealed_langevin_interpolation(score_fn, x, sigmas, step_size, n_steps_each
     Langevin noise at every step is cos(a_j) z_p + sin(a_j) z_q, with z_p, z_q two noise streams of the row and
     a_j = j / (n_interpolations - 1) * pi / 2.
 
-    Since cos^2 + sin^2 = 1 each chain's noise is standard normal, so every chain is a plain sampling chain; chains
-    with nearby angles share their start and nearly all their noise, so their samples change smoothly along the row,
-    from the chain driven by z_p alone (a = 0) to the chain driven by z_q alone (a = pi/2).
+    Since cos^2 + sin^2 = 1 each chain's noise is standard normal, so every chain is a plain sampling chain; two
+    chains of a row at angles a and b share their start and have noise correlated by cos(a - b), which turns smoothly
+    from the chain driven by z_p alone (a = 0) to the chain driven by z_q alone (a = pi/2). The samples need not
+    change smoothly: the chain amplifies small differences of noise at the large sigmas. Unlike NCSNv2's code, a
+    denoising step ends the chains by default, as in annealed_langevin_dynamics.
 
     score_fn, sigmas, step_size, n_steps_each, denoise, generator, callback: as in annealed_langevin_dynamics (the
-        score sees all R * n_interpolations chains as one batch).
+        score and the callback see all R * n_interpolations chains as one flat batch (R * N, *event_shape), row by
+        row).
     x: the starts, (R, *event_shape), one per row; not modified.
     n_interpolations: chains per row, >= 2.
     noise: optional pre-drawn standard normal tensor of shape (L * n_steps_each, 2, *x.shape): noise[t, 0] is z_p and
@@ -338,8 +343,10 @@ def figure2(n_steps=2000, sigma=0.1, batch_size=512, lr=3e-3, hidden=128, n_grid
     near the modes and not between them, because its objective, the Fisher divergence 1/2 E_p |s_theta - grad log
     p|^2, weighs each x by p(x).
 
-    Training is plain denoising score matching (notes §4) at one small sigma, 1/2 E |s_theta(x + sigma z) + z/sigma|^2,
-    whose minimiser grad log q_sigma is grad log p up to O(sigma^2); Adam with a learning rate decaying linearly to 0.
+    Training is plain denoising score matching (notes §4) at one small sigma, 1/2 E |s_theta(x + sigma z) +
+    z/sigma|^2, whose minimiser grad log q_sigma is grad log p up to O(sigma^2) (the authors' toy runner used sliced
+    score matching without noise; either leaves the region between the modes untrained); Adam with a learning rate
+    decaying linearly to 0.
     The error 1/2 |s_theta - grad log p|^2 is averaged (a) under p, over 10^4 fresh samples; (b) uniformly over
     [-8, 8]^2 and (c) over its part where p < low_density * max p, both on a 161 x 161 grid.
     Returns {"points": (n_grid^2, 2) arrow positions, the centres of n_grid^2 tiles of [-8, 8]^2, "score":
@@ -413,6 +420,15 @@ def manifold_scores(sigmas=(0.5, 0.2, 0.1, 0.05), radius=2.0, n_curve=2000, n_gr
 
 # ---- python langevin.py: the three figures of notes §7 ---------------------------------------------------------
 
+def _save(fig, out, **kwargs):
+    """fig as a PNG at `out`, written whole or not at all: to a temporary file beside it, then renamed."""
+    import os
+
+    partial = f"{out}.partial"
+    fig.savefig(partial, format="png", **kwargs)
+    os.replace(partial, out)
+
+
 def _plot_figure3(plt, out, n_samples, seed):
     """Figure 3: the samples of figure3(), with each panel's mode weights and per-mode variances printed."""
     panels = figure3(n_samples, seed)
@@ -436,7 +452,7 @@ def _plot_figure3(plt, out, n_samples, seed):
     fig.suptitle("p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I), exact scores; (c) with the authors' levels 20 -> 1",
                  fontsize=12)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    _save(fig, out, dpi=120)
     print(f"saved {out}")
 
 
@@ -476,7 +492,7 @@ def _plot_figure2(plt, out, seed):
                  rf"$\frac{{1}}{{2}}|s_\theta - \nabla_x \log p|^2$ = {result['error_p']:.3f} under p, "
                  f"{result['error_low']:.1f} where p < 1e-3 max p (outside the red curves); "
                  "p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I)", fontsize=12)
-    fig.savefig(out, dpi=120, bbox_inches="tight")  # constrained layout alone crops the tick labels
+    _save(fig, out, dpi=120, bbox_inches="tight")  # constrained layout alone crops the tick labels
     print(f"saved {out}")
 
 
@@ -520,7 +536,7 @@ def _plot_manifold(plt, out, sigmas=(0.5, 0.2, 0.1, 0.05)):
     fig.suptitle(r"The manifold hypothesis, notes §7: p uniform on a circle (red) has no score off it; "
                  "\n" r"$q_\sigma = p * N(0, \sigma^2 I)$ has one everywhere: towards the circle (arrows), "
                  r"of size distance / $\sigma^2$", fontsize=12)
-    fig.savefig(out, dpi=120, bbox_inches="tight")  # constrained layout alone crops the tick labels
+    _save(fig, out, dpi=120, bbox_inches="tight")  # constrained layout alone crops the tick labels
     print(f"saved {out}")
 
 
@@ -544,8 +560,11 @@ def main():
                         help="seed of Figure 3's samples, start and chains, and of Figure 2's training")
     args = parser.parse_args()
     if args.n_samples < 2:
-        parser.error(f"--n-samples must be >= 2, got {args.n_samples}")
-    os.makedirs(args.out_dir, exist_ok=True)
+        parser.exit(2, f"{parser.prog}: error: --n-samples must be >= 2, got {args.n_samples}\n")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        parser.exit(2, f"{parser.prog}: error: --out-dir {args.out_dir} cannot be made a folder ({e.strerror})\n")
     # Small 2-D problems: a second intra-op thread only adds a synchronisation per op, and stalls for seconds at a
     # time when other processes share the cores (Figure 2's training then took minutes instead of seconds).
     torch.set_num_threads(1)

@@ -36,7 +36,7 @@ from langevin import annealed_langevin_inpainting, annealed_langevin_interpolati
 from runs import RunError
 
 MASKS = ("right-half", "center", "random")
-HIDDEN_COLOUR = torch.tensor([0.25, 0.45, 0.85])  # hidden pixels in the figure: a blue no image set is made of
+HIDDEN_COLOUR = torch.tensor([0.25, 0.45, 0.85])  # hidden pixels in the figure: blue, never in a grey image
 HELDOUT = {  # the held-out images of each image set: what inpainting completes
     "cifar10": lambda data_dir: data.load_cifar10(data_dir, train=False),
     "mnist": lambda data_dir: data.load_mnist(data_dir, train=False),
@@ -81,22 +81,23 @@ def parse_args(argv=None):
     p.add_argument("--step-size", type=float, help="step size at the smallest sigma, in the notes' convention "
                                                    "x + eps/2 s + sqrt(eps) z (default: the checkpoint's)")
     p.add_argument("--data-init", action="store_true",
-                   help="start each chain at a held-out image plus sigma_1 noise (NCSNv2's data_init) instead of the "
-                        "uniform prior; image runs only")
+                   help="start each chain at a held-out image plus sigma_1 noise instead of the uniform prior "
+                        "(NCSNv2's data_init, which takes training images); image runs only")
     g = p.add_argument_group("image tasks (image runs only; instead of plain samples)")
     g.add_argument("--inpaint", type=mask_spec, metavar="MASK",
                    help="complete held-out images whose pixels under MASK are hidden: right-half (the papers' "
                         "figure), center (the middle square, half the side), or random:F (a fraction F of the "
                         "pixels, each image its own); writes inpainting.png (rows: original | masked | completions) "
                         "and inpainting.npz")
-    g.add_argument("--completions", type=int, default=4,
+    g.add_argument("--completions", type=int,
                    help="with --inpaint, completions drawn per image (default: 4)")
     g.add_argument("--interpolate", type=int, metavar="K",
                    help="K chains per row that share their start and mix two noise streams; writes "
-                        "interpolation.png (a row per start) and interpolation.npz")
+                        "interpolation.png (a row per start) and interpolation.npz (rows run whole: at least K "
+                        "chains at once, whatever --batch-size)")
     g.add_argument("--data-dir", default="./data",
-                   help="where the held-out images are found for --inpaint and --data-init (default: ./data; the "
-                        "digits need none)")
+                   help="where the held-out images are found for --inpaint and --data-init, downloaded there if "
+                        "missing as train.py does (default: ./data; the digits need none)")
     args = p.parse_args(argv)
     if args.out_dir is None and args.checkpoint is None:
         p.error("give --out-dir (a run of train.py) or --checkpoint")
@@ -109,6 +110,9 @@ def parse_args(argv=None):
         p.error(f"--interpolate must be >= 2 (chains per row, from a = 0 to a = pi/2), got {args.interpolate}")
     if args.step_size is not None and not 0 < args.step_size < float("inf"):
         p.error(f"--step-size must be > 0 and finite, got {args.step_size}")
+    if args.completions is not None and args.inpaint is None:
+        p.error("--completions goes with --inpaint")
+    args.completions = args.completions or 4
     if args.n_samples is None:
         args.n_samples = 64 if args.inpaint is None and args.interpolate is None else 8
     return args
@@ -124,6 +128,13 @@ def load_run(args):
                        "--out-dir or --checkpoint at one")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise RunError("sample.py runs in one process; start it with python, not torchrun")
+    try:  # before any sampling: a folder that cannot take the outputs must not cost the chains
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise RunError(f"--out-dir {out_dir} cannot hold the outputs ({e.strerror}); point --out-dir elsewhere") \
+            from None
     device = runs.pick_device(args.device)
     ckpt = runs.load_checkpoint(ckpt_path, device)
     if (args.inpaint is not None or args.interpolate is not None or args.data_init) and not runs.is_image_run(
@@ -189,7 +200,6 @@ def draw(args, model, config, out_dir, device):
     samples = runs.draw_samples(model, config, args.n_samples, generator, progress=True, batch_size=args.batch_size,
                                 init=init)
     check_finite(samples, "samples")
-    os.makedirs(out_dir, exist_ok=True)
     figure = os.path.join(out_dir, "samples.png")
     if runs.is_image_run(config):
         array = as_uint8(samples)
@@ -213,7 +223,8 @@ def draw(args, model, config, out_dir, device):
 
 def make_masks(kind, fraction, n, height, width, generator):
     """(n, 1, H, W) float masks, 1 where the pixel is known: right-half hides columns W//2.., center hides the middle
-    square of side H//2 x W//2, random hides round(F H W) pixels drawn anew for each image."""
+    square of side H//2 x W//2, random hides round(F H W) pixels (at least one, and one at most left known) drawn anew
+    for each image."""
     mask = torch.ones(n, 1, height, width)
     if kind == "right-half":
         mask[..., width // 2:] = 0
@@ -221,7 +232,7 @@ def make_masks(kind, fraction, n, height, width, generator):
         top, left = (height - height // 2) // 2, (width - width // 2) // 2
         mask[..., top:top + height // 2, left:left + width // 2] = 0
     else:
-        hidden = round(fraction * height * width)
+        hidden = min(max(round(fraction * height * width), 1), height * width - 1)
         for m in mask:
             m.view(-1)[torch.randperm(height * width, generator=generator)[:hidden]] = 0
     return mask
@@ -245,13 +256,13 @@ def inpaint(args, model, config, out_dir, device):
     check_finite(completions.flatten(0, 1), "completions")
     shown = images.expand(-1, 3, -1, -1)  # in colour, so that hidden pixels stand out even on grey images
     masked = torch.where(masks.bool(), shown, HIDDEN_COLOUR.reshape(1, 3, 1, 1))
-    os.makedirs(out_dir, exist_ok=True)
     path, figure = os.path.join(out_dir, "inpainting.npz"), os.path.join(out_dir, "inpainting.png")
     save_npz(path, originals=as_uint8(images), masks=masks[:, 0].bool().numpy(), completions=as_uint8(completions))
     titles = ["original", "masked"] + [f"completion {j + 1}" for j in range(m)]
     runs.save_rows(torch.cat([shown.unsqueeze(1), masked.unsqueeze(1), completions.expand(-1, -1, 3, -1, -1)], 1),
                    figure, titles)
-    print(f"wrote {path} (originals, masks, completions {tuple(completions.shape)}) and {figure}")
+    print(f"wrote {path} (originals, masks, completions uint8 {(n, m, *completions.shape[3:], completions.shape[2])}) "
+          f"and {figure}")
     return path
 
 
@@ -285,18 +296,17 @@ def interpolate(args, model, config, out_dir, device):
     chunks = []
     with ncsn.progress_bar(total, "interpolate") as bar:
         for start in range(0, rows, rows_per_batch):
-            m = min(rows_per_batch, rows - start)
-            x = low + (high - low) * torch.rand((m, *config["shape"]), generator=generator, device=device)
+            chunk = min(rows_per_batch, rows - start)
+            x = low + (high - low) * torch.rand((chunk, *config["shape"]), generator=generator, device=device)
             chunks.append(annealed_langevin_interpolation(model, x, sigmas, step_size, n_steps_each, k,
                                                           generator=generator, callback=lambda step, y: bar.update(1)))
     chains = torch.cat(chunks).clamp(low, high).cpu()  # (rows, k, C, H, W)
     check_finite(chains.flatten(0, 1), "chains")
-    os.makedirs(out_dir, exist_ok=True)
     path, figure = os.path.join(out_dir, "interpolation.npz"), os.path.join(out_dir, "interpolation.png")
     save_npz(path, arr_0=as_uint8(chains))
     titles = [f"a = {90 * j / (k - 1):.0f}°" for j in range(k)]
     runs.save_rows(chains, figure, titles)
-    print(f"wrote {path} (uint8 {tuple(chains.shape[:2])} images) and {figure}")
+    print(f"wrote {path} (uint8 {(*chains.shape[:2], *chains.shape[3:], chains.shape[2])}) and {figure}")
     return path
 
 

@@ -480,9 +480,9 @@ def test_inpainting_one_coordinate_of_the_mixture_picks_its_mode():
     x = annealed_langevin_inpainting(_gmm_noisy_score, start, known, mask, sigmas, 1e-3, 100, generator=g)
     assert (x[:, 0] == -5.0).all()
     assert (x[:, 1] < 0).all()
-    assert abs(x[:, 1].mean().item() + 5) < 5 * math.sqrt(1 / n)
+    assert abs(x[:, 1].mean().item() + 5) < 5 * x[:, 1].std().item() / math.sqrt(n)
     free = annealed_langevin_dynamics(_gmm_noisy_score, start, sigmas, 1e-3, 100, generator=g)
-    assert abs((free.sum(1) < 0).float().mean().item() - 0.2) < 5 * math.sqrt(0.2 * 0.8 / n)  # without the known x1
+    assert 0.1 < (free.sum(1) < 0).float().mean().item() < 0.4  # without the known x1: about a fifth, never all
 
 
 def test_inpainting_re_noises_the_known_entries_before_every_update():
@@ -508,6 +508,23 @@ def test_inpainting_re_noises_the_known_entries_before_every_update():
     # the free entries of the last input, moved by Tweedie's step: y + sigma_L^2 (-y)
     torch.testing.assert_close(out[~m], (seen[-1][0] * (1 - 0.5 ** 2))[~m])
     assert torch.equal(out[m], known[m])
+
+
+@pytest.mark.parametrize("denoise", [True, False])
+def test_inpainting_with_nothing_known_is_the_plain_chain(denoise):
+    # mask 0 everywhere: the same updates, step sizes, denoising and callback steps as annealed_langevin_dynamics
+    # driven by the Langevin half of the noise, bit for bit.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, generator=g, dtype=f64)
+    sigmas, n_steps_each = [3.0, 1.0, 0.3], 4
+    noise = torch.randn(len(sigmas) * n_steps_each + denoise, 2, *x.shape, generator=g, dtype=f64)
+    calls, plain_calls = [], []
+    out = annealed_langevin_inpainting(_decay, x, torch.zeros_like(x), torch.zeros(1, 3), sigmas, 0.02, n_steps_each,
+                                       denoise=denoise, noise=noise, callback=lambda t, y: calls.append(t))
+    plain = annealed_langevin_dynamics(_decay, x, sigmas, 0.02, n_steps_each, denoise=denoise,
+                                       noise=noise[:len(sigmas) * n_steps_each, 1],
+                                       callback=lambda t, y: plain_calls.append(t))
+    assert torch.equal(out, plain) and calls == plain_calls
 
 
 def test_inpainting_mask_per_pixel_equals_the_mask_per_channel_and_pixel():

@@ -70,12 +70,23 @@ def test_interpolate_writes_rows_of_chains(image_run, tmp_path, monkeypatch):
 
 
 def test_data_init_starts_from_held_out_images(image_run, tmp_path, monkeypatch, capsys):
+    """--data-init hands held-out images, in [0, 1], to the sampler's init (ncsn.sample's data + sigma_1 noise is
+    tested in test_ncsn.py)."""
     data_dir, out = image_run
     monkeypatch.setattr(sample_py.signal, "signal", lambda *a: None)  # leave pytest's SIGTERM handler
+    inits, draw_samples = [], sample_py.runs.draw_samples
+    monkeypatch.setattr(sample_py.runs, "draw_samples",
+                        lambda *a, init=None, **k: inits.append(init) or draw_samples(*a, init=init, **k))
     sample_py.main(["--checkpoint", str(out / "checkpoint.pt"), "--out-dir", str(tmp_path), "--data-init", "-n", "5",
                     "--data-dir", str(data_dir), "--device", "cpu"])
     assert "from held-out images + sigma_1 noise" in capsys.readouterr().out
     assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (5, 28, 28, 1)
+    test_images = np.frombuffer((data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes(), np.uint8,
+                                offset=16).reshape(16, 1, 28, 28)
+    (init,) = inits
+    assert init.shape == (5, 1, 28, 28) and init.dtype == torch.float32
+    starts = (init * 255).round().to(torch.uint8).numpy()
+    assert all(any(np.array_equal(s, t) for t in test_images) for s in starts)
     assert "more images than the 16 held-out" in in_process(capsys, monkeypatch, "--out-dir", out, "--data-init",
                                                             "-n", 20, "--data-dir", data_dir, "--device", "cpu")
 
@@ -88,6 +99,8 @@ def test_masks_hide_what_they_say():
     assert (center[0, 0, 2:6, 2:6] == 0).all() and center.sum() == 64 - 16
     random = sample_py.make_masks("random", 0.25, 50, 8, 8, g)
     assert ((1 - random).sum((1, 2, 3)) == 16).all()
+    assert (1 - sample_py.make_masks("random", 0.001, 3, 8, 8, g)).sum() == 3  # at least one pixel hidden each
+    assert sample_py.make_masks("random", 0.999, 3, 8, 8, g).sum() == 3  # and at least one left known
     assert len({tuple(m.flatten().tolist()) for m in random}) > 40  # each image its own pixels
 
 
@@ -111,6 +124,9 @@ def test_image_tasks_refuse_bad_input_in_one_line(image_run, tmp_path, capsys, m
     assert "give one" in refuse("--interpolate", 3, "--inpaint", "center")
     assert "give one" in refuse("--data-init", "--inpaint", "center")
     assert "more images than the 16 held-out" in refuse("--inpaint", "center", "-n", 17, "--data-dir", data_dir)
+    assert "--completions goes with --inpaint" in refuse("--completions", 3)
+    assert "cannot hold the outputs" in refuse("--out-dir", out / "checkpoint.pt", "--checkpoint",
+                                               out / "checkpoint.pt", "--interpolate", 3)
     line = refuse("--inpaint", "center", "--data-dir", tmp_path / "empty")
     assert "t10k" in line and "--data-dir" in line
     toy = tmp_path / "gmm"
