@@ -13,6 +13,12 @@
   shipped with the package, no download), pixel counts 0..16 mapped to 0..255 by round(v * 255 / 16). There is no
   official split: a permutation seeded with `DIGITS_SEED` (numpy's RandomState, whose stream numpy never changes)
   holds out `DIGITS_HELD_OUT` = 297 images, the other 1500 train.
+- Image folders (`load_folder`): every PNG, JPEG, WebP and BMP under a folder of your own, recursively, in sorted
+  order, decoded by Pillow: turned upright by EXIF, composited on white where transparent, its centre square (of at
+  most `crop` pixels) resized with Lanczos to image_size; grey (1 channel) when every picture is grey, else RGB.
+  Unreadable files are skipped and named. The decoded set is cached in `<folder>/.ncsn-cache/`, one .npz for each
+  setting, rebuilt when any file is added, removed or touched; `held_out` images (a seeded permutation, as for the
+  digits) are set aside.
 - GMM: notes §7's mixture p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I) of [Song & Ermon 2019, Fig. 3], with the exact
   score of its noised version q_sigma (notes §8) so that learned scores can be compared with the truth.
 - Swiss roll: sklearn's `make_swiss_roll` in its (x, z) plane, divided by 5: t = 1.5 pi (1 + 2u), u ~ U(0, 1),
@@ -38,6 +44,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 
 import numpy as np
@@ -58,6 +65,11 @@ MNIST_MD5 = {
 }
 DIGITS_SEED = 0
 DIGITS_HELD_OUT = 297  # of 1797: 1500 left to train on
+FOLDER_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
+FOLDER_CACHE = ".ncsn-cache"  # inside the image folder; not searched for images
+FOLDER_CACHE_VERSION = 1  # bump it when decoding changes: every cache then misses once
+FOLDER_SEED = 0
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 GMM_WEIGHTS = (0.2, 0.8)
 GMM_MEANS = ((-5.0, -5.0), (5.0, 5.0))
 GMM_STD = 1.0
@@ -262,18 +274,206 @@ def load_digits(train=True):
     return torch.from_numpy(images[chosen]).unsqueeze(1)  # (N, 1, 8, 8); fancy indexing copies: writable
 
 
+# ---- A folder of your own images ---------------------------------------------------------------------------------
+
+def image_files(path):
+    """Relative paths ("a/b.png") of the files under path with an image extension, sorted by code point."""
+    found = []
+    for root, folders, names in os.walk(path, onerror=lambda e: print(f"skipping {e.filename} ({e.strerror})",
+                                                                       file=sys.stderr)):
+        folders[:] = [f for f in folders if f != FOLDER_CACHE]  # never search the cache itself
+        found += [os.path.relpath(os.path.join(root, n), path).replace(os.sep, "/")
+                  for n in names if n.lower().endswith(FOLDER_EXTENSIONS)]
+    return sorted(found)
+
+
+def _is_grey(image):
+    """Whether a picture holds grey levels only: a grey mode, or a palette whose colours in use are all grey."""
+    if image.mode == "P":
+        palette = image.getpalette("RGB") or []
+        colours = [palette[3 * i:3 * i + 3] for _, i in image.getcolors(256)]  # (count, index) pairs
+        return all(len(c) == 3 and c[0] == c[1] == c[2] for c in colours)
+    return image.mode in GREY_MODES
+
+
+def _flatten(image, grey):
+    """The picture as "L" (grey) or "RGB", 8 bits a channel, composited on white where it is transparent."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16"):  # 16-bit grey: its high byte (convert("L") would clip every level above 255)
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    if image.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in image.info:
+        # On white, as a viewer shows it: dropping alpha instead would bring back whatever the file keeps under its
+        # transparent pixels (often black, sometimes junk), so alike pictures would train differently by file.
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    return image.convert("L" if grey else "RGB")
+
+
+def _decode(file, image_size, crop, grayscale):
+    """One picture as uint8 (C, image_size, image_size), C = 1 if it is (or is made) grey, else 3: turned upright by
+    its EXIF orientation, flattened, and its centre square of side min(crop, width, height) resized with Lanczos."""
+    from PIL import Image, ImageOps
+
+    with Image.open(file) as image:
+        image = ImageOps.exif_transpose(image)  # a copy: the whole file is decoded here, and a truncated one fails
+        grey = _is_grey(image) if grayscale is None else grayscale
+        image = _flatten(image, grey)
+    width, height = image.size
+    side = min(width, height, crop or width)
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)  # the centre square
+    # One resampling of the centre square: what resizing the shorter side to image_size and then cropping the centre
+    # does, without rounding the longer side to whole pixels in between. Lanczos is Pillow's sharpest antialiased
+    # filter (its support widens with the reduction); it costs more than bicubic, but only once: the result is cached.
+    image = image.resize((image_size, image_size), Image.Resampling.LANCZOS, box=box)
+    array = np.asarray(image)  # (H, W) or (H, W, 3)
+    return array[None] if grey else array.transpose(2, 0, 1)  # (C, H, W)
+
+
+def _decode_folder(path, files, image_size, crop, grayscale, progress):
+    """uint8 (N, C, image_size, image_size) of the files that decode (None if none does), and for each of the others
+    a line "name (why)"; one line on stderr as each is skipped."""
+    from PIL import Image
+
+    log = progress and not sys.stderr.isatty()  # a log file: a line at the start and at the end
+    if log:
+        print(f"decoding {len(files)} images in {path} to {image_size}x{image_size}", file=sys.stderr)
+    arrays, skipped = [], []
+    for name in tqdm(files, desc=os.path.basename(os.path.normpath(path)), unit="img", disable=not progress or log):
+        try:
+            arrays.append(_decode(os.path.join(path, name), image_size, crop, grayscale))
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as error:
+            # Pillow's own words (it says "broken PNG file" with a SyntaxError), but not the path a second time.
+            why = "not an image Pillow can read" if isinstance(error, Image.UnidentifiedImageError) else error
+            skipped.append(f"{name} ({_one_line(why)})")
+            tqdm.write(f"skipping {os.path.join(path, skipped[-1])}", file=sys.stderr)
+    if log:
+        print(f"decoded {len(arrays)} images", file=sys.stderr, flush=True)
+    if not arrays:
+        return None, skipped
+    channels = max(len(a) for a in arrays)  # 3 as soon as one picture is in colour
+    # A grey picture in a colour set repeats its level in R, G and B, as Pillow's convert("RGB") does.
+    return np.stack([np.broadcast_to(a, (channels, *a.shape[1:])) for a in arrays]), skipped
+
+
+def _stamp(file):
+    """(size, mtime_ns) of a file: a change to either means it was rewritten."""
+    try:
+        stat = os.stat(file)
+        return stat.st_size, stat.st_mtime_ns
+    except OSError:  # a broken link: decoding it fails and says why
+        return None
+
+
+def _folder_cache(path, files, image_size, crop, grayscale, pillow_version):
+    """The cache file of these settings, and the key its content must carry: a hash of the format version, Pillow's
+    version, the settings and every file's relative name, size and mtime_ns."""
+    stamps = [(name, _stamp(os.path.join(path, name))) for name in files]
+    key = hashlib.sha256(repr((FOLDER_CACHE_VERSION, pillow_version, image_size, crop, grayscale,
+                               stamps)).encode()).hexdigest()
+    colour = {None: "auto", True: "grey", False: "rgb"}[grayscale]
+    name = f"{image_size}px-{f'crop{crop}' if crop else 'full'}-{colour}.npz"  # one file per setting, overwritten
+    return os.path.join(path, FOLDER_CACHE, name), key
+
+
+def _read_cache(file, key):
+    """(images, skipped) from the cache file if it carries this key; None if it is absent, stale or unreadable."""
+    try:
+        with np.load(file, allow_pickle=False) as cached:
+            if str(cached["key"]) != key:
+                return None
+            return cached["images"], [str(line) for line in cached["skipped"]]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def _write_cache(file, key, images, skipped):
+    """Save the cache atomically (a temporary file beside it, fsync, os.replace): a reader sees the old file or the
+    new one, never part of one. A folder that cannot be written (read-only, full) leaves a note and no cache."""
+    folder, tmp = os.path.dirname(file), None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".part", prefix=os.path.basename(file) + ".", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, key=np.array(key), images=images, skipped=np.array(skipped, dtype=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except OSError as error:
+        print(f"note: not caching the decoded images in {folder} ({_one_line(error)}); they are decoded again next "
+              f"time", file=sys.stderr)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_folder(path, image_size, crop=None, grayscale=None, held_out=0, train=True, progress=True):
+    """Every PNG, JPEG, WebP and BMP under path as uint8 (N, C, image_size, image_size): the centre square (after a
+    centre crop of `crop` pixels, as NCSNv2 crops CelebA to 140 before resizing to 64) resized with Lanczos; cached.
+
+    crop: None, or the side of the centre crop taken first (the shorter side where a picture is smaller than crop).
+    grayscale: None for 1 channel when every picture is grey and 3 otherwise; True or False for 1 or 3 regardless.
+    held_out: how many images train=False returns and train=True leaves out, chosen by a permutation seeded with
+        FOLDER_SEED; a count, as for the digits, so that an evaluation set has the size asked for. With 0 (the
+        default) every image trains, and train=False is a ValueError.
+    Both splits keep the files' sorted order. Files that cannot be decoded are skipped, each named on stderr.
+    """
+    if image_size < 1 or (crop is not None and crop < 1) or held_out < 0:
+        raise ValueError(f"need image_size >= 1, crop None or >= 1 and held_out >= 0, got image_size {image_size}, "
+                         f"crop {crop}, held_out {held_out}")
+    if not train and held_out == 0:
+        raise ValueError("held_out is 0, so there are no held-out images; pass held_out > 0 to set some aside")
+    try:
+        import PIL
+    except ImportError:
+        raise DataError("image folders are decoded by Pillow, which is not installed; pip install Pillow") from None
+    if not os.path.isdir(path):
+        raise DataError(f"{path} is not a folder; pass a folder of PNG, JPEG, WebP or BMP images")
+    files = image_files(path)
+    if not files:
+        raise DataError(f"{path} holds no .png, .jpg, .jpeg, .webp or .bmp file (searched with its subfolders)")
+    cache, key = _folder_cache(path, files, image_size, crop, grayscale, PIL.__version__)
+    cached = _read_cache(cache, key)
+    if cached is not None:
+        images, skipped = cached
+        for line in skipped:  # the same lines as when the cache was written
+            print(f"skipping {os.path.join(path, line)}", file=sys.stderr)
+        if progress:
+            print(f"loaded {len(images)} images of {path} from its cache {cache}", file=sys.stderr)
+    else:
+        images, skipped = _decode_folder(path, files, image_size, crop, grayscale, progress)
+        if images is not None:
+            _write_cache(cache, key, images, skipped)
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(files)} files in {path}", file=sys.stderr, flush=True)
+    if images is None:
+        raise DataError(f"none of the {len(files)} image files in {path} could be decoded (the lines above say why)")
+    if held_out >= len(images):
+        raise DataError(f"held_out is {held_out} but {path} has {len(images)} readable images; hold out fewer")
+    # A fixed permutation: RandomState, whose stream numpy keeps across versions, as for the digits.
+    order = np.random.RandomState(FOLDER_SEED).permutation(len(images))  # (N,)
+    chosen = np.sort(order[held_out:] if train else order[:held_out])  # in the files' order
+    return torch.from_numpy(images[chosen])  # (N, C, H, W); fancy indexing copies: writable
+
+
 def _expand_like(t, x):
     return t.reshape(-1, *[1] * (x.dim() - 1))
 
 
 class ImageData:
-    """A whole image set held on the device as uint8 (N, C, H, W), batched there with no host work per batch."""
+    """A whole image set as uint8 (N, C, H, W), batched with no host work per batch beyond an index copy: held on the
+    device (on_device=True), or, for a set larger than the device's memory, in host memory (pinned on CUDA), each
+    batch then gathered there and copied to the device asynchronously. Both draw the same batches from a generator."""
 
-    def __init__(self, images, device=None, flip=False, dequantize=False):
+    def __init__(self, images, device=None, flip=False, dequantize=False, on_device=True):
         if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4):
             raise ValueError(f"images must be a uint8 tensor of shape (N, C, H, W), got "
                              f"{getattr(images, 'dtype', type(images))} of shape {tuple(getattr(images, 'shape', ()))}")
-        self.images = images.to(device) if device is not None else images
+        self.device = torch.device(device) if device is not None else images.device
+        self.on_device = on_device
+        if on_device:
+            self.images = images.to(self.device)
+        else:  # pinned pages copy to a GPU without a staging copy, and asynchronously
+            self.images = images.cpu().pin_memory() if self.device.type == "cuda" else images.cpu()
         self.flip, self.dequantize = flip, dequantize
 
     def __len__(self):
@@ -283,8 +483,13 @@ class ImageData:
         """x in [0, 1] of shape (B, C, H, W): uniform random images, random horizontal flips, k/255 or (k + u)/256."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        device = self.images.device
-        x = self.images[torch.randint(len(self.images), (batch_size,), device=device, generator=generator)]
+        device = self.device
+        index = torch.randint(len(self.images), (batch_size,), device=device, generator=generator)  # (B,)
+        if self.on_device:
+            x = self.images[index]
+        else:  # the indices come to the host (one small sync), the uint8 batch goes to the device without blocking
+            x = self.images[index.cpu()]
+            x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
         if self.flip:
             flipped = torch.rand(batch_size, device=device, generator=generator) < 0.5  # (B,)
             x = torch.where(_expand_like(flipped, x), x.flip(-1), x)

@@ -37,7 +37,7 @@ from runs import RunError
 
 MASKS = ("right-half", "center", "random")
 HIDDEN_COLOUR = torch.tensor([0.25, 0.45, 0.85])  # hidden pixels in the figure: blue, never in a grey image
-HELDOUT = {  # the held-out images of each image set: what inpainting completes
+HELDOUT = {  # the held-out images of each image set: what inpainting completes (a folder's: heldout_images)
     "cifar10": lambda data_dir: data.load_cifar10(data_dir, train=False),
     "mnist": lambda data_dir: data.load_mnist(data_dir, train=False),
     "digits": lambda data_dir: data.load_digits(train=False),
@@ -170,15 +170,29 @@ def save_npz(path, **arrays):
     runs.save_atomic(lambda f: np.savez(f, **arrays), path)
 
 
-def heldout(config, data_dir, n, generator):
-    """n held-out images of the run's data set in [0, 1], (n, C, H, W) float, drawn without replacement."""
-    loader = HELDOUT.get(config["dataset"])
-    if loader is None:
+def heldout_images(config, data_dir):
+    """All held-out images of the run's data set, uint8 (N, C, H, W): its test split, or for a run on a folder the
+    slice that train.py set aside (the folder and its settings are in the checkpoint's config)."""
+    folder = config.get("data")
+    if folder:
+        if not folder["held_out"]:
+            raise RunError(f"the run on {folder['path']} held out no images (--held-out 0); nothing to use")
+        try:
+            return data.load_folder(folder["path"], folder["image_size"], folder["crop"], folder["grayscale"],
+                                    held_out=folder["held_out"], train=False)
+        except data.DataError as e:
+            raise RunError(f"{e} (the run's folder, whose held-out slice is used)") from None
+    if config["dataset"] not in HELDOUT:
         raise RunError(f"no held-out images of {config['dataset']} are known")
     try:
-        images = loader(data_dir)
+        return HELDOUT[config["dataset"]](data_dir)
     except data.DataError as e:
         raise RunError(f"{e} (the held-out images; --data-dir points at them)") from None
+
+
+def heldout(config, data_dir, n, generator):
+    """n held-out images of the run's data set in [0, 1], (n, C, H, W) float, drawn without replacement."""
+    images = heldout_images(config, data_dir)
     if n > len(images):
         raise RunError(f"-n {n} asks for more images than the {len(images)} held-out ones of {config['dataset']}")
     if tuple(images.shape[1:]) != tuple(config["shape"]):

@@ -39,12 +39,12 @@ PRESETS = {
     # 6.2e-6 is for x + eps s + sqrt(2 eps) z; in the notes' §9 update x + eps/2 s + sqrt(eps) z it is 1.24e-5.
     "cifar10": dict(steps=300_000, batch_size=128, lr=1e-4, sigma_max=50.0, sigma_min=0.01, n_sigmas=232,
                     n_steps_each=5, step_size=1.24e-5, ema_decay=0.999, channels=128, channel_mults=(1, 2, 2, 2),
-                    num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
+                    num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, flip=True,
                     sample_every=5000, ckpt_every=5000, log_every=100, n_grid=64),
     # MNIST: a U-Net sized for 28x28 (28 -> 14 -> 7); sigmas and step size from NCSNv2 techniques 1, 2 and 4.
     "mnist": dict(steps=100_000, batch_size=128, lr=1e-4, sigma_max=None, sigma_min=0.01, n_sigmas=None,
                   n_steps_each=5, step_size=None, ema_decay=0.999, channels=64, channel_mults=(1, 2, 2),
-                  num_res_blocks=2, attn_resolutions=(14,), dropout=0.1,
+                  num_res_blocks=2, attn_resolutions=(14,), dropout=0.1, flip=False,
                   sample_every=5000, ckpt_every=5000, log_every=100, n_grid=64),
     # scikit-learn's 1797 8x8 digits (data.load_digits, 1500 to train on): sigmas and step size from NCSNv2 techniques
     # 1, 2 and 4 as for MNIST (sigma_1 = 4.81, 22 levels at D = 64). The rest was tuned here to finish in under five
@@ -55,8 +55,34 @@ PRESETS = {
     # digits than 5 or 10 from the same network.
     "digits": dict(steps=3000, batch_size=128, lr=1e-3, sigma_max=None, sigma_min=0.01, n_sigmas=None,
                    n_steps_each=20, step_size=None, ema_decay=0.995, channels=32, channel_mults=(1, 2),
-                   num_res_blocks=1, attn_resolutions=(), dropout=0.1,
+                   num_res_blocks=1, attn_resolutions=(), dropout=0.1, flip=False,
                    sample_every=1000, ckpt_every=1000, log_every=100, n_grid=64),
+    # NCSNv2's larger image sets (their configs/celeba.yml, church.yml, ffhq.yml), read from folders of images
+    # (data.load_folder). Their sigmas, L, T, batch, Adam and EMA; their steps doubled into the notes' convention, as
+    # for CIFAR-10 (celeba 3.3e-6 -> 6.6e-6, church 4.9e-6 -> 9.8e-6, ffhq 9e-7 -> 1.8e-6). The U-Net is DDPM's for the
+    # resolution (unet_for) instead of their RefineNet, without dropout, as their network and DDPM's 256 px models.
+    # CelebA: img_align_celeba/, centre crop 140 then 64 x 64, flips; 210k steps.
+    "celeba": dict(steps=210_000, batch_size=128, lr=1e-4, sigma_max=90.0, sigma_min=0.01, n_sigmas=500,
+                   n_steps_each=5, step_size=6.6e-6, ema_decay=0.999, channels=128, channel_mults=None,
+                   num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, folder="img_align_celeba", image_size=64,
+                   crop=140, flip=True, sample_every=5000, ckpt_every=5000, log_every=100, n_grid=64),
+    # LSUN church_outdoor at 64 x 64 (shorter side resized, centre crop), flips; 200k steps. LSUN ships as LMDB:
+    # export church_outdoor_train_lmdb to church_outdoor_train/ first (README).
+    "church": dict(steps=200_000, batch_size=128, lr=1e-4, sigma_max=140.0, sigma_min=0.01, n_sigmas=788,
+                   n_steps_each=4, step_size=9.8e-6, ema_decay=0.999, channels=128, channel_mults=None,
+                   num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, folder="church_outdoor_train",
+                   image_size=64, crop=None, flip=True, sample_every=5000, ckpt_every=5000, log_every=100, n_grid=64),
+    # FFHQ at 256 x 256, flips; batch 32, 80k steps, and Adam's eps 1e-3 as in their config.
+    "ffhq": dict(steps=80_000, batch_size=32, lr=1e-4, adam_eps=1e-3, sigma_max=348.0, sigma_min=0.01,
+                 n_sigmas=2311, n_steps_each=3, step_size=1.8e-6, ema_decay=0.999, channels=128, channel_mults=None,
+                 num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, folder="ffhq", image_size=256, crop=None,
+                 flip=True, sample_every=5000, ckpt_every=5000, log_every=100, n_grid=36),
+    # Any folder of images (--data-dir): NCSNv2 techniques 1, 2 and 4 on its training images, DDPM's U-Net for the
+    # resolution, the MNIST preset's training settings.
+    "folder": dict(steps=100_000, batch_size=128, lr=1e-4, sigma_max=None, sigma_min=0.01, n_sigmas=None,
+                   n_steps_each=5, step_size=None, ema_decay=0.999, channels=128, channel_mults=None,
+                   num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, folder="", image_size=64, crop=None,
+                   flip=False, sample_every=5000, ckpt_every=5000, log_every=100, n_grid=64),
     # The notes' two-mode mixture 1/5 N((-5,-5), I) + 4/5 N((5,5), I), an MLP score net. Trained levels are noise
     # levels of notes §8 (q_sigma = p * N(0, sigma^2 I)), so they end near 0: 20 -> 0.01 gives unit-variance modes.
     # (The authors' toy levels 20 -> 1 are the modes' standard deviations of their annealed mixture, not noise
@@ -69,11 +95,16 @@ PRESETS = {
                       n_steps_each=50, step_size=1e-5, ema_decay=0.99, hidden=128,
                       sample_every=1000, ckpt_every=1000, log_every=100, n_grid=2000),
 }
-# The image sets and the shape (C, H, W) of their images, known before any data is read (or downloaded).
-IMAGE_SETS = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28), "digits": (1, 8, 8)}
+# The image sets and the shape (C, H, W) of their images, known before any data is read (or downloaded); a folder's
+# images have the shape --image-size gives them.
+IMAGE_SETS = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28), "digits": (1, 8, 8), "celeba": (3, 64, 64),
+              "church": (3, 64, 64), "ffhq": (3, 256, 256), "folder": None}
+FOLDER_SETS = ("celeba", "church", "ffhq", "folder")  # read from folders of pictures by data.load_folder
 # Images live in [0, 1]; the 2-D sets in a box that holds all their mass (the sampler's uniform prior).
-DATA_RANGES = {"cifar10": (0.0, 1.0), "mnist": (0.0, 1.0), "digits": (0.0, 1.0), "gmm": (-8.0, 8.0),
-               "swissroll": (-4.0, 4.0)}
+DATA_RANGES = {**{name: (0.0, 1.0) for name in IMAGE_SETS}, "gmm": (-8.0, 8.0), "swissroll": (-4.0, 4.0)}
+# U-Net channel multipliers by resolution: DDPM's for 32 (down to 4x4) and 256 (to 8x8) [Ho et al. 2020], improved
+# DDPM's for 64 [Nichol & Dhariwal 2021] and ADM's for 128 [Dhariwal & Nichol 2021], both to 8x8.
+CHANNEL_MULTS = {32: (1, 2, 2, 2), 64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
 # What a checkpoint must agree on to be resumed.
 IDENTITY = ("dataset", "architecture", "sigmas", "objective")
 
@@ -98,7 +129,8 @@ def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--dataset", choices=list(PRESETS),
                    help="what to train on (default: gmm; on resume, the checkpoint's)")
-    p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded to")
+    p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded to; for --dataset "
+                                                        "folder, the folder of images itself")
     p.add_argument("--out-dir", default=None, help="checkpoint, samples and metrics (default: runs/<dataset>)")
     p.add_argument("--seed", type=int, help="seed of data, noise, dropout and initialisation (default: 0)")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or e.g. cuda:1")
@@ -127,6 +159,23 @@ def parse_args(argv=None):
     g.add_argument("--n-steps-each", type=int, help=f"Langevin steps per level T ({preset_help('n_steps_each')})")
     g.add_argument("--step-size", type=float, help=f"step size at sigma_min ({preset_help('step_size')}; "
                                                    "None: NCSNv2 technique 4)")
+    g = p.add_argument_group("image folders (--dataset folder, celeba, church, ffhq; on resume, the checkpoint's)")
+    g.add_argument("--image-size", type=int, help=f"side of the square the images are resized and cropped to "
+                                                  f"({preset_help('image_size')})")
+    g.add_argument("--crop", type=int, help="centre crop of this side before the resize (preset: celeba 140)")
+    colour = g.add_mutually_exclusive_group()
+    colour.add_argument("--grayscale", action="store_true", default=None,
+                        help="one channel, even if some images are in colour (default: one channel only when "
+                             "every image is grey)")
+    colour.add_argument("--rgb", dest="grayscale", action="store_false", default=None,
+                        help="three channels, even if every image is grey")
+    g.add_argument("--held-out", type=int, help="images set aside, never trained on, for the held-out loss and "
+                                                "sample.py --inpaint (default: a tenth of the folder, at most 1000)")
+    g.add_argument("--data-on", choices=["auto", "device", "host"], default="auto",
+                   help="where the training images live: on the device, or in (pinned) host memory with each batch "
+                        "copied over; auto picks the device unless the set takes more than half of its free memory")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help=f"random horizontal flips of training images ({preset_help('flip')})")
     g = p.add_argument_group("logging, checkpoints, samples (default: the dataset's preset; 0 turns one off)")
     g.add_argument("--log-every", type=int, help=f"steps between metrics lines ({preset_help('log_every')})")
     g.add_argument("--ckpt-every", type=int, help=f"steps between checkpoints ({preset_help('ckpt_every')}); "
@@ -140,7 +189,7 @@ def parse_args(argv=None):
         p.error(f"sampling is sample.py's: python sample.py --out-dir {args.out_dir or 'DIR'} -n {args.sample or 'N'}"
                 + (f" --batch-size {args.sample_batch_size}" if args.sample_batch_size else ""))
     for name, least in (("steps", 1), ("batch_size", 1), ("channels", 1), ("hidden", 1), ("n_sigmas", 2),
-                        ("n_steps_each", 1)):
+                        ("n_steps_each", 1), ("image_size", 4), ("crop", 1), ("held_out", 0)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     for name in ("log_every", "ckpt_every", "sample_every", "warmup"):
@@ -235,36 +284,57 @@ def run_identity(args, saved):
                     precision=args.precision or saved.get("precision", "fp32"),
                     seed=saved.get("seed", 0) if args.seed is None else args.seed)
     if identity["objective"] == "exact" and identity["dataset"] in IMAGE_SETS:  # refused before any download
+        shape = IMAGE_SETS[identity["dataset"]]
         raise RunError(f"--objective exact needs one backward pass per dimension per step (D = "
-                       f"{math.prod(IMAGE_SETS[identity['dataset']])} for {identity['dataset']}); use dsm or ssm")
+                       f"{math.prod(shape) if shape else 'C x H x W'} for {identity['dataset']}); use dsm or ssm")
     if saved and saved["dataset"] != identity["dataset"]:
         raise RunError(f"checkpoint {os.path.join(args.out_dir, 'checkpoint.pt')} was trained on a different dataset "
                        f"({saved['dataset']}); use another --out-dir")
     return identity
 
 
+def unet_for(image_size, preset):
+    """(channel_mults, attn_resolutions) of the preset's U-Net, or, where the preset leaves them to the resolution
+    (channel_mults None), CHANNEL_MULTS for 32, 64, 128 and 256, and below 32 up to four levels that halve down to no
+    less than 4x4; attention at those of the preset's resolutions that the levels have."""
+    mults = preset["channel_mults"]
+    if mults is None and image_size in CHANNEL_MULTS:
+        mults = CHANNEL_MULTS[image_size]
+    elif mults is None and image_size < 32:
+        levels = next(n for n in (4, 3, 2, 1) if image_size % 2 ** (n - 1) == 0 and image_size >> (n - 1) >= 4)
+        mults = (1, 2, 2, 2)[:levels]
+    elif mults is None:
+        raise RunError(f"--image-size {image_size} has no U-Net here; use one of {sorted(CHANNEL_MULTS)} or a size "
+                       "below 32")
+    sizes = [image_size >> level for level in range(len(mults))]
+    return list(mults), [r for r in preset["attn_resolutions"] if r in sizes]
+
+
 def resumed_settings(saved):
     """A checkpoint config's settings in the presets' terms: a resumed run keeps them unless a flag changes them."""
     settings = {key: saved[key] for key in ("steps", "batch_size", "lr", "ema_decay", "n_steps_each", "step_size",
                                             "log_every", "ckpt_every", "sample_every", "n_grid")}
-    settings.update(grad_clip=saved.get("grad_clip", 0.0), warmup=saved.get("warmup", 0))  # older runs had neither
+    settings.update(grad_clip=saved.get("grad_clip", 0.0), warmup=saved.get("warmup", 0),  # older runs had neither
+                    adam_eps=saved.get("adam_eps", 1e-8), flip=saved.get("flip", saved["dataset"] == "cifar10"))
     settings.update(sigma_max=saved["sigmas"][0], sigma_min=saved["sigmas"][-1], n_sigmas=len(saved["sigmas"]))
     settings.update({key: saved["architecture"][key] for key in ("channels", "hidden")
                      if key in saved["architecture"]})
     return settings
 
 
-def resolve_config(args, identity, train_data, device, saved, is_main):
+def resolve_config(args, identity, train_data, folder, device, saved, is_main):
     """Flags over the checkpoint's settings (on resume) over the dataset's preset. NCSNv2 techniques fill what is
     left open (None): sigma_1 is the largest distance between training points (1), L follows from the ratio gamma(D)
     (2), the step size from f(eps) (4)."""
     dataset, images = identity["dataset"], identity["dataset"] in IMAGE_SETS
-    preset = {"grad_clip": 0.0, "warmup": 0, **PRESETS[dataset], **(resumed_settings(saved) if saved else {})}
+    preset = {"grad_clip": 0.0, "warmup": 0, "adam_eps": 1e-8, **PRESETS[dataset],
+              **(resumed_settings(saved) if saved else {})}
     preset.update({key: getattr(args, key) for key in preset if getattr(args, key, None) is not None})
     if images:
+        channel_mults, attn_resolutions = unet_for(int(train_data.shape[-1]), preset)
         architecture = dict(kind="NCSN", in_channels=int(train_data.shape[1]), channels=preset["channels"],
-                            channel_mults=list(preset["channel_mults"]), num_res_blocks=preset["num_res_blocks"],
-                            attn_resolutions=list(preset["attn_resolutions"]), dropout=preset["dropout"],
+                            channel_mults=channel_mults, num_res_blocks=preset["num_res_blocks"],
+                            attn_resolutions=attn_resolutions, dropout=preset["dropout"],
                             image_size=int(train_data.shape[-1]))
     else:
         architecture = dict(kind="MLPScoreNet", dim=2, hidden=preset["hidden"])
@@ -288,7 +358,8 @@ def resolve_config(args, identity, train_data, device, saved, is_main):
     return dict(identity, shape=list(train_data.shape[1:]), data_range=list(DATA_RANGES[dataset]),
                 architecture=architecture, sigmas=sigmas, n_steps_each=preset["n_steps_each"],
                 step_size=float(step_size), lr=preset["lr"], grad_clip=float(preset["grad_clip"]),
-                warmup=preset["warmup"], batch_size=preset["batch_size"],
+                warmup=preset["warmup"], adam_eps=preset["adam_eps"], flip=bool(preset.get("flip", False)),
+                data=folder, batch_size=preset["batch_size"],
                 ema_decay=preset["ema_decay"], steps=preset["steps"], log_every=preset["log_every"],
                 ckpt_every=preset["ckpt_every"], sample_every=preset["sample_every"], n_grid=preset["n_grid"])
 
@@ -296,48 +367,87 @@ def resolve_config(args, identity, train_data, device, saved, is_main):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: image sets live on the device as uint8 and are augmented there; 2-D sets are generated on the device.
 # ----------------------------------------------------------------------------------------------------------------
-def read_images(dataset, data_dir, download, progress):
-    """The training images of an image set, uint8 (N, C, H, W): cifar10 and mnist from data_dir (downloaded there if
-    asked), digits from scikit-learn."""
+def folder_settings(args, dataset, saved):
+    """For the folder sets, where the images are and how they are decoded, {path, image_size, crop, grayscale,
+    held_out}: the checkpoint's on resume (flags may not change them: other images make another run), else flags over
+    the preset's; grayscale None is one channel when every image is grey, held_out None a tenth of the folder (at
+    most 1000, decided on the first run). None for the other sets."""
+    if dataset not in FOLDER_SETS:
+        return None
+    flags = {key: getattr(args, key) for key in ("image_size", "crop", "grayscale", "held_out")}
+    if saved.get("data"):
+        changed = [key for key, value in flags.items() if value is not None and value != saved["data"][key]]
+        if changed:
+            raise RunError(f"the checkpoint in {args.out_dir} was trained on images with another "
+                           f"{', '.join('--' + key.replace('_', '-') for key in changed)}; use another --out-dir")
+        return saved["data"]
+    preset = PRESETS[dataset]
+    path = os.path.abspath(os.path.join(args.data_dir, preset["folder"]))  # folder: --data-dir itself
+    return dict(path=path, image_size=args.image_size or preset["image_size"],
+                crop=args.crop if args.crop is not None else preset["crop"], grayscale=args.grayscale,
+                held_out=args.held_out)
+
+
+def read_images(dataset, data_dir, folder, download, progress):
+    """The training images of an image set, uint8 (N, C, H, W), and the folder settings, decided: cifar10 and mnist
+    from data_dir (downloaded there if asked), digits from scikit-learn, the folder sets from their folder."""
     if dataset == "digits":
-        return data.load_digits(train=True)  # shipped with scikit-learn: nothing to download, no data_dir
+        return data.load_digits(train=True), None  # shipped with scikit-learn: nothing to download, no data_dir
+    if dataset in FOLDER_SETS:
+        settings = dict(path=folder["path"], image_size=folder["image_size"], crop=folder["crop"],
+                        grayscale=folder["grayscale"])
+        held_out = folder["held_out"]
+        if held_out is None:  # a tenth of the folder's image files, at most 1000
+            held_out = min(1000, len(data.image_files(folder["path"])) // 10) if os.path.isdir(folder["path"]) else 0
+        images = data.load_folder(**settings, held_out=held_out, train=True, progress=progress)
+        return images, dict(folder, held_out=held_out)  # grayscale as given: None stays "as the images are" (its cache)
     load = data.load_cifar10 if dataset == "cifar10" else data.load_mnist
-    return load(data_dir, train=True, download=download, progress=progress)
+    return load(data_dir, train=True, download=download, progress=progress), None
 
 
-def load_images(dataset, data_dir, control):
-    """(N, C, H, W) uint8 on the CPU; the first process of each machine downloads, the others wait and read it."""
+def load_images(dataset, data_dir, folder, control):
+    """(N, C, H, W) uint8 on the CPU and the folder settings; the first process of each machine downloads (or
+    decodes a folder into its cache), the others wait and read it."""
     is_first = int(os.environ.get("LOCAL_RANK", 0)) == 0
     images, error = None, None
     if is_first:
         try:
-            images = read_images(dataset, data_dir, download=True, progress=True)
+            images, folder = read_images(dataset, data_dir, folder, download=True, progress=True)
         except data.DataError as e:  # reach the barrier first, so that no other rank waits forever
             error = e
     if dist.is_initialized():
         dist.barrier(group=control)
     if not is_first:
         try:
-            images = read_images(dataset, data_dir, download=False, progress=False)
+            images, folder = read_images(dataset, data_dir, folder, download=False, progress=False)
         except data.DataError as e:
             error = e
     agree(RunError(str(error)) if error is not None else None, control)
-    return images
+    return images, folder
 
 
-def training_data(identity, data_dir, control):
-    """The training set: uint8 images (N, C, H, W), or 10000 points of a 2-D set (only their shape and spread are
-    used: the loop draws fresh ones)."""
+def training_data(identity, args, saved, control):
+    """The training set, uint8 images (N, C, H, W), or 10000 points of a 2-D set (only their shape and spread are
+    used: the loop draws fresh ones); and for the folder sets the settings of their folder (else None)."""
     if identity["dataset"] in IMAGE_SETS:
-        return load_images(identity["dataset"], data_dir, control)
-    return data.TOY_SETS[identity["dataset"]](10_000, generator=torch.Generator().manual_seed(identity["seed"]))
+        return load_images(identity["dataset"], args.data_dir, folder_settings(args, identity["dataset"], saved),
+                           control)
+    return data.TOY_SETS[identity["dataset"]](10_000, generator=torch.Generator().manual_seed(identity["seed"])), None
 
 
-def data_source(config, train_data, device):
-    """Where batches come from: the images held on the device, or the 2-D set's sampler."""
-    if runs.is_image_run(config):
-        return data.ImageData(train_data, device=device, flip=config["dataset"] == "cifar10")
-    return data.TOY_SETS[config["dataset"]]
+def data_source(config, train_data, device, data_on, is_main):
+    """Where batches come from: the images, held on the device or in host memory (data_on; auto: on the device unless
+    they take more than half of its free memory), or the 2-D set's sampler."""
+    if not runs.is_image_run(config):
+        return data.TOY_SETS[config["dataset"]]
+    if data_on == "auto":
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else math.inf
+        data_on = "device" if train_data.nbytes <= free / 2 else "host"
+    if is_main and device.type == "cuda":
+        print(f"the {train_data.nbytes / 2 ** 30:.2f} GiB of training images live "
+              + ("on the device" if data_on == "device" else "in pinned host memory, each batch copied over"))
+    return data.ImageData(train_data, device=device, flip=config.get("flip", config["dataset"] == "cifar10"),
+                          on_device=data_on == "device")
 
 
 def draw_batch(source, n, generator, device):
@@ -675,9 +785,26 @@ def write_samples(model, config, step, out_dir, generator):
     runs.append_metrics(out_dir, dict(step=step, **quality))
 
 
+def gflops_per_image(model, config, device):
+    """The network's forward cost for one input, in GFLOPs (2 per multiply-add; torch's FlopCounterMode), counted
+    in eval mode, so that no dropout draw moves the random streams."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *config["shape"], device=device), torch.ones(1, device=device))
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
 def announce(config, model, world, device, out_dir):
-    """Rank 0: say what is about to run, in one line."""
-    print(f"{config['dataset']}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+    """Rank 0: say what is about to run, in one line (for images also the network's GFLOPs per image)."""
+    cost = f" ({gflops_per_image(model, config, device):.3g} GFLOPs per image)" if runs.is_image_run(config) else ""
+    folder = config.get("data")
+    source = (f" from {folder['path']} ({folder['image_size']}x{folder['image_size']}, {folder['held_out']} held "
+              "out)") if folder else ""
+    print(f"{config['dataset']}{source}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters{cost}, "
           f"{len(config['sigmas'])} sigmas {config['sigmas'][0]:.3g} -> {config['sigmas'][-1]:.3g}, objective "
           f"{config['objective']}, {world} process(es) on {device}, writing to {out_dir}")
 
@@ -726,12 +853,12 @@ def train(args):
     ckpt = read_checkpoint(ckpt_path, device, control)
     saved = ckpt["config"] if ckpt is not None else {}
     identity = run_identity(args, saved)
-    train_data = training_data(identity, args.data_dir, control)
+    train_data, folder = training_data(identity, args, saved, control)
 
     # Model, EMA, optimiser. They start identical on every rank (same seed); each rank then draws its own data, noise
     # and dropout, and DDP all-reduces the gradients, so the weights and the EMA stay identical everywhere.
     try:  # a combination of settings that the NCSNv2 techniques or the networks refuse
-        config = resolve_config(args, identity, train_data, device, saved, is_main)
+        config = resolve_config(args, identity, train_data, folder, device, saved, is_main)
         torch.manual_seed(config["seed"])
         model = runs.build_model(config).to(device)
     except ValueError as e:
@@ -742,7 +869,7 @@ def train(args):
         model = model.to(memory_format=torch.channels_last)
     ema = ncsn.EMA(model, decay=config["ema_decay"])
     generators = seed_streams(config["seed"], rank, 0, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], betas=(0.9, 0.999), eps=config["adam_eps"])
     step, interval = 0, None
 
     # Resume.
@@ -755,7 +882,7 @@ def train(args):
     net = wrap(model, world, device, args.compile, config["objective"])
     score_fn = functools.partial(network_score, net=net, device=device, objective=config["objective"],
                                  precision=usable_precision(config["precision"], device))
-    source = data_source(config, train_data, device)
+    source = data_source(config, train_data, device, args.data_on, is_main)
     sigmas = torch.tensor(config["sigmas"], device=device)
     local_batch = config["batch_size"] // world
     band_of_level, band_names = sigma_bands(config["sigmas"], device)

@@ -2,6 +2,7 @@
 exact upstream formats (CIFAR-10's python archive, MNIST's gzipped IDX files), their verification and safe
 extraction, scikit-learn's digits against its raw counts, batching on the device, and the 2-D toy sets against
 closed forms (notes §7, §8)."""
+import errno
 import gzip
 import hashlib
 import http.server
@@ -13,6 +14,7 @@ import socket
 import struct
 import sys
 import tarfile
+import tempfile
 import threading
 from types import SimpleNamespace
 
@@ -21,10 +23,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 
+import data as data_module
 from data import (GMM_MEANS, GMM_STD, GMM_WEIGHTS, ImageData, DataError, gmm_noisy_score, load_cifar10, load_digits,
-                  load_mnist,
-                  mmd, sample_gmm, sample_swissroll, toy_quality)
+                  load_folder, load_mnist, mmd, sample_gmm, sample_swissroll, toy_quality)
+from data import _decode as decode_one
 
 PIXEL = (5, 7)  # (row, col) of a planted pixel with distinct R, G, B; row != col catches a transposed layout
 RGB = (200, 100, 50)
@@ -334,6 +338,250 @@ def test_digits_without_scikit_learn_say_how_to_install_it(monkeypatch):
     assert "\n" not in str(error.value)
 
 
+# ---------------------------------------------------------------- a folder of your own images
+
+def lanczos(image, box, size=8):
+    """Pillow's own Lanczos resampling of `box` to size x size, as an array (C, size, size)."""
+    array = np.asarray(image.resize((size, size), Image.Resampling.LANCZOS, box=box))
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def picture(seed, height, width, channels=3):
+    """Random uint8 pixels (height, width[, channels]) with some smooth structure, so that resampling matters."""
+    rng = np.random.default_rng(seed)
+    ramp = np.add.outer(np.arange(height) * 3, np.arange(width) * 5) % 256  # (H, W)
+    noise = rng.integers(0, 64, (height, width, channels))
+    return ((ramp[..., None] + noise) % 256).astype(np.uint8).squeeze()
+
+
+def folder_of_images(root, n, name="im{:02d}.png"):
+    """n flat grey 4x4 pictures of levels 0, 20, 40, ...: a picture's level says which file it was."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((4, 4), 20 * i, np.uint8)).save(root / name.format(i))
+    return root
+
+
+@pytest.mark.parametrize("crop", [None, 30])
+def test_folder_pictures_are_their_centre_square_resized_by_pillow(tmp_path, crop):
+    """Landscape, portrait (smaller than the crop), EXIF-rotated and odd-sized pictures in nested folders, in sorted
+    order; each equals Pillow's Lanczos resize of the centre square written out by hand (the square of the shorter
+    side, or of `crop` where it is smaller, at half pixels where the margin is odd), and a grey JPEG in this colour set
+    equals Pillow's convert("RGB") of it resized."""
+    (tmp_path / "a" / "z").mkdir(parents=True)
+    Image.fromarray(picture(0, 44, 60)).save(tmp_path / "b_landscape.png")
+    Image.fromarray(picture(1, 50, 20, 1)).save(tmp_path / "a" / "portrait.JPG", quality=95)  # grey, upper case
+    Image.fromarray(picture(2, 31, 45)).save(tmp_path / "a" / "z" / "odd.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to view
+    Image.fromarray(picture(3, 20, 50)).save(tmp_path / "a" / "rotated.jpeg", exif=exif, quality=95)
+    x = load_folder(tmp_path, 8, crop=crop, progress=False)
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 8, 8)
+    portrait = Image.open(tmp_path / "a" / "portrait.JPG").convert("RGB")
+    upright = Image.open(tmp_path / "a" / "rotated.jpeg").transpose(Image.Transpose.ROTATE_270)  # 20 wide, 50 high
+    odd, landscape = Image.open(tmp_path / "a" / "z" / "odd.png"), Image.open(tmp_path / "b_landscape.png")
+    expected = [lanczos(portrait, (0, 15, 20, 35)), lanczos(upright, (0, 15, 20, 35)),  # 20 < 30: the shorter side
+                lanczos(odd, (7, 0, 38, 31) if crop is None else (7.5, 0.5, 37.5, 30.5)),
+                lanczos(landscape, (8, 0, 52, 44) if crop is None else (15, 7, 45, 37))]
+    for got, want in zip(x.numpy(), expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_folder_colour_modes_grey_sets_alpha_and_palettes(tmp_path):
+    """Grey modes (L, LA, a grey palette, 16-bit) give 1 channel, and 3 with grayscale=False; a colour picture (RGBA, a
+    colour palette) makes the set RGB, where grey pictures repeat their level; grayscale=True gives Pillow's luma.
+    Transparent pixels are white, 16-bit levels keep their high byte. 12x12 pictures at 12: no resampling."""
+    grey, colour = tmp_path / "grey", tmp_path / "mixed"
+    grey.mkdir()
+    level = picture(0, 12, 12, 1)
+    opaque = picture(1, 12, 12, 1) > 100  # (12, 12) where alpha is 255; elsewhere 0
+    wide = (np.arange(144, dtype=np.uint16).reshape(12, 12) * 455)  # 16-bit levels up to 65065
+    index = np.random.default_rng(2).integers(0, 4, (12, 12)).astype(np.uint8)
+    Image.fromarray(level).save(grey / "l.png")
+    Image.fromarray(np.stack([level, 255 * opaque.astype(np.uint8)], -1)).save(grey / "la.png")  # black under alpha 0
+    grey_palette = Image.fromarray(index)
+    grey_palette.putpalette([0, 0, 0, 90, 90, 90, 180, 180, 180, 255, 255, 255])
+    grey_palette.save(grey / "p_grey.png")
+    Image.fromarray(wide).save(grey / "i16.png")
+    assert Image.open(grey / "i16.png").mode == "I;16" and Image.open(grey / "p_grey.png").mode == "P"
+    expected_grey = np.stack([wide >> 8, level, np.where(opaque, level, 255),
+                              np.array([0, 90, 180, 255])[index]]).astype(np.uint8)[:, None]  # (4, 1, 12, 12)
+    x = load_folder(grey, 12, progress=False)
+    assert x.shape == (4, 1, 12, 12)
+    np.testing.assert_array_equal(x.numpy(), expected_grey)
+    np.testing.assert_array_equal(load_folder(grey, 12, grayscale=False, progress=False).numpy(),
+                                  np.repeat(expected_grey, 3, axis=1))
+
+    # The same grey pictures beside two colour ones: an RGBA picture and a palette with a transparent colour.
+    colour.mkdir()
+    for file in grey.glob("*.png"):
+        (colour / file.name).write_bytes(file.read_bytes())
+    rgb = picture(3, 12, 12)
+    Image.fromarray(np.concatenate([rgb, 255 * opaque[..., None].astype(np.uint8)], -1)).save(colour / "rgba.png")
+    palette = [[10, 20, 30], [200, 0, 0], [0, 200, 0], [0, 0, 200]]
+    colour_palette = Image.fromarray(index)
+    colour_palette.putpalette(sum(palette, []))
+    colour_palette.save(colour / "p_colour.png", transparency=0)  # colour 0 is transparent
+    assert Image.open(colour / "p_colour.png").mode == "P"
+    expected_rgb = np.stack([np.where(index[..., None] == 0, 255, np.array(palette)[index]),
+                             np.where(opaque[..., None], rgb, 255)]).astype(np.uint8)  # (2, 12, 12, 3)
+    x = load_folder(colour, 12, progress=False)  # i16, l, la, p_colour, p_grey, rgba
+    assert x.shape == (6, 3, 12, 12)
+    np.testing.assert_array_equal(x.numpy()[[0, 1, 2, 4]], np.repeat(expected_grey, 3, axis=1))
+    np.testing.assert_array_equal(x.numpy()[[3, 5]], expected_rgb.transpose(0, 3, 1, 2))
+    luma = np.stack([np.asarray(Image.fromarray(a).convert("L")) for a in expected_rgb])[:, None]  # Pillow's luma
+    x = load_folder(colour, 12, grayscale=True, progress=False)
+    assert x.shape == (6, 1, 12, 12)
+    np.testing.assert_array_equal(x.numpy()[[0, 1, 2, 4]], expected_grey)
+    np.testing.assert_array_equal(x.numpy()[[3, 5]], luma)
+
+
+def test_folder_skips_unreadable_files_naming_each_and_counting_them(tmp_path, capsys):
+    """A truncated PNG, a truncated JPEG and a text file named .png are skipped, each named on stderr, then counted;
+    other files (notes.txt) are not images at all. In a log (stderr not a terminal) a line at the start and the end,
+    and a cached set says the same skips again."""
+    folder_of_images(tmp_path / "deep" / "er", 2)
+    png = (tmp_path / "deep" / "er" / "im01.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[:len(png) // 2])
+    buffer = io.BytesIO()
+    Image.fromarray(picture(0, 16, 16)).save(buffer, "JPEG")
+    (tmp_path / "deep" / "cut.jpg").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    (tmp_path / "text.png").write_text("not a picture\n")
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    x = load_folder(tmp_path, 4, progress=True)
+    assert x.shape == (2, 1, 4, 4) and x[:, 0, 0, 0].tolist() == [0, 20]
+    skips = [f"skipping {tmp_path / name} (" for name in ("cut.png", "deep/cut.jpg", "text.png")]
+    count = f"skipped 3 of 5 files in {tmp_path}"
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"decoding 5 images in {tmp_path} to 4x4" and lines[-2:] == ["decoded 2 images", count]
+    assert [line[:len(start)] for line, start in zip(sorted(lines[1:4]), skips)] == skips
+    assert "text.png (not an image Pillow can read)" in lines[3] and "notes" not in str(lines)
+    assert torch.equal(load_folder(tmp_path, 4, progress=False), x)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line[:len(start)] for line, start in zip(lines[:3], skips)] == skips and lines[3:] == [count]
+
+
+def test_folder_without_images_is_a_one_line_data_error(tmp_path):
+    empty, text_only, broken = tmp_path / "empty", tmp_path / "text", tmp_path / "broken"
+    for folder in (empty, text_only, broken):
+        folder.mkdir()
+    (text_only / "notes.txt").write_text("no pictures here\n")
+    (broken / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    for path, says in [(tmp_path / "missing", "is not a folder"), (text_only / "notes.txt", "is not a folder"),
+                       (empty, "holds no .png"), (text_only, "holds no .png"), (broken, "none of the 1 image files")]:
+        with pytest.raises(DataError, match=says) as error:
+            load_folder(path, 8, progress=False)
+        assert str(path) in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="image_size"):
+        load_folder(broken, 0)
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The names of the files decoded so far: a set read from its cache decodes none."""
+    names = []
+
+    def counting(file, *args):
+        names.append(os.path.basename(file))
+        return decode_one(file, *args)
+
+    monkeypatch.setattr(data_module, "_decode", counting)
+    return names
+
+
+def test_folder_cache_is_reused_until_a_file_or_a_setting_changes(tmp_path, decoded):
+    folder = folder_of_images(tmp_path / "pictures", 3)
+    first = load_folder(folder, 4, progress=False)
+    assert decoded == ["im00.png", "im01.png", "im02.png"]
+    assert os.listdir(folder / ".ncsn-cache") == ["4px-full-auto.npz"]
+    for change in [None, "held_out"]:  # nothing changed; a split is taken from the cached set
+        decoded.clear()
+        got = load_folder(folder, 4, held_out=1 if change else 0, progress=False)
+        assert decoded == [] and len(got) == (2 if change else 3)
+    assert torch.equal(load_folder(folder, 4, progress=False), first)
+    for change, expected in [("touch", 3), ("add", 4), ("remove", 3)]:
+        if change == "touch":  # the same bytes, a new mtime
+            os.utime(folder / "im01.png", ns=(10 ** 18, 10 ** 18))
+        elif change == "add":
+            folder_of_images(folder / "sub", 1, "new.png")
+        else:
+            os.remove(folder / "im00.png")
+        decoded.clear()
+        assert len(load_folder(folder, 4, progress=False)) == expected and len(decoded) == expected
+        decoded.clear()
+        load_folder(folder, 4, progress=False)
+        assert decoded == []
+    (folder / ".ncsn-cache" / "4px-full-auto.npz").write_bytes(b"PK\x03\x04 not a whole zip")  # damaged by hand
+    decoded.clear()
+    load_folder(folder, 4, progress=False)
+    assert len(decoded) == 3
+    for settings in [dict(image_size=2), dict(crop=3), dict(grayscale=True), dict(grayscale=False)]:
+        decoded.clear()
+        load_folder(folder, **{"image_size": 4, **settings}, progress=False)
+        assert len(decoded) == 3
+    assert sorted(os.listdir(folder / ".ncsn-cache")) == ["2px-full-auto.npz", "4px-crop3-auto.npz",
+                                                          "4px-full-auto.npz", "4px-full-grey.npz",
+                                                          "4px-full-rgb.npz"]
+
+
+@pytest.mark.parametrize("failure", ["read-only", "disk full", "interrupted"])
+def test_folder_cache_is_written_atomically(tmp_path, monkeypatch, capsys, decoded, failure):
+    """A cache that cannot be written (a read-only folder, a full disk) leaves a note, no partial file and the old
+    cache untouched, and the images are returned all the same; an interruption leaves no partial file either."""
+    folder = folder_of_images(tmp_path / "pictures", 3)
+    x = load_folder(folder, 4, progress=False)
+    cache = folder / ".ncsn-cache" / "4px-full-auto.npz"
+    old = cache.read_bytes()
+    os.utime(folder / "im02.png", ns=(10 ** 18, 10 ** 18))  # the cache is stale now
+
+    def unwritable(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def cut_short(f, **arrays):
+        f.write(b"PK\x03\x04 the first bytes of a zip")
+        raise KeyboardInterrupt if failure == "interrupted" else OSError(errno.ENOSPC, "No space left on device")
+
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        if failure == "read-only":  # chmod would not stop root, who runs many CI jobs: fail where the cache is made
+            patch.setattr(tempfile, "mkstemp", unwritable)
+        else:
+            patch.setattr(np, "savez", cut_short)
+        if failure == "interrupted":
+            with pytest.raises(KeyboardInterrupt):
+                load_folder(folder, 4, progress=False)
+        else:
+            assert torch.equal(load_folder(folder, 4, progress=False), x)
+            note, = capsys.readouterr().err.splitlines()
+            reason = "Read-only file system" if failure == "read-only" else "No space left on device"
+            assert note.startswith(f"note: not caching the decoded images in {cache.parent}") and reason in note
+    assert os.listdir(cache.parent) == [cache.name] and cache.read_bytes() == old
+    # The disk works again: the cache is rebuilt.
+    decoded.clear()
+    assert torch.equal(load_folder(folder, 4, progress=False), x)
+    assert len(decoded) == 3 and cache.read_bytes() != old and os.listdir(cache.parent) == [cache.name]
+
+
+def test_folder_held_out_images_are_disjoint_cover_the_set_and_are_the_same_every_time(tmp_path):
+    """10 pictures whose levels say which file each is: 3 held out, 7 to train on, together each picture once, both in
+    file order, drawn from the whole set (not its head or tail), the same on every call."""
+    folder = folder_of_images(tmp_path, 10)
+    levels = lambda x: x[:, 0, 0, 0].tolist()  # noqa: E731
+    train, held_out = load_folder(folder, 4, held_out=3, progress=False), load_folder(
+        folder, 4, held_out=3, train=False, progress=False)
+    assert train.shape == (7, 1, 4, 4) and held_out.shape == (3, 1, 4, 4)
+    assert sorted(levels(train) + levels(held_out)) == [20 * i for i in range(10)]
+    assert levels(train) == sorted(levels(train)) and levels(held_out) == sorted(levels(held_out))
+    assert levels(held_out) not in ([0, 20, 40], [140, 160, 180])
+    assert torch.equal(load_folder(folder, 4, held_out=3, progress=False), train)
+    assert torch.equal(load_folder(folder, 4, held_out=3, train=False, progress=False), held_out)
+    assert levels(load_folder(folder, 4, progress=False)) == [20 * i for i in range(10)]  # held_out=0: all of them
+    with pytest.raises(ValueError, match="held_out is 0"):
+        load_folder(folder, 4, train=False)
+    with pytest.raises(DataError, match="held_out is 10 but .* has 10 readable images"):
+        load_folder(folder, 4, held_out=10, progress=False)
+
+
 # ---------------------------------------------------------------- batches on the device
 
 def test_image_data_batch_draws_set_images_scaled_to_unit_interval():
@@ -364,6 +612,19 @@ def test_image_data_batches_repeat_under_a_seeded_generator():
         data = ImageData(images, flip=flip, dequantize=dequantize)
         first = [data.batch(8, torch.Generator().manual_seed(3)) for _ in range(2)]
         assert torch.equal(first[0], first[1])
+
+
+def test_image_data_in_host_memory_draws_the_batches_held_on_the_device_draws():
+    """on_device=False keeps the set in host memory and gathers each batch there: the same generator gives the same
+    batches, flips and dequantisation noise as the set held on the device."""
+    images = torch.randint(0, 256, (9, 3, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for flip, dequantize in [(False, False), (True, True)]:
+        on_device = ImageData(images, device="cpu", flip=flip, dequantize=dequantize)
+        on_host = ImageData(images, device="cpu", flip=flip, dequantize=dequantize, on_device=False)
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        for _ in range(3):
+            assert torch.equal(on_device.batch(16, g1), on_host.batch(16, g2))
+        assert torch.equal(g1.get_state(), g2.get_state())  # the same draws, in the same order
 
 
 def test_image_data_dequantisation_stays_in_the_pixel_bin():
