@@ -343,8 +343,9 @@ def resolve_config(args, identity, train_data, folder, device, saved, is_main):
     if sigma_max is None:  # technique 1, over the whole training set, in batches
         if is_main:
             print(f"sigma_max: the largest distance between the {len(train_data)} training points (technique 1)")
-        points = train_data.to(device).float() / 255 if images else train_data.to(device)
-        sigma_max = ncsn.max_pairwise_distance(points, progress=is_main)
+        # uint8 images in pixel units (no float copy of the set), then / 255 for the model's [0, 1]
+        distance = ncsn.max_pairwise_distance(train_data.to(device), progress=is_main)
+        sigma_max = distance / 255 if images else distance
     if not sigma_max > sigma_min:
         raise RunError(f"--sigma-max ({sigma_max:g}) must be larger than --sigma-min ({sigma_min:g})")
     if n_sigmas is None:  # technique 2

@@ -347,6 +347,16 @@ def test_max_pairwise_distance_by_blocks_equals_cdist(batch_size):
     assert ncsn.max_pairwise_distance(x, batch_size=batch_size) == pytest.approx(full, rel=1e-12)
 
 
+@pytest.mark.parametrize("batch_size", [3, 7, 1000])
+def test_max_pairwise_distance_of_uint8_images_is_in_pixel_units(batch_size):
+    """uint8 images, converted block by block, give the distance of their float values: / 255 that of x / 255."""
+    images = torch.randint(0, 256, (23, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    full = torch.cdist(images.flatten(1).double(), images.flatten(1).double()).max().item()
+    assert ncsn.max_pairwise_distance(images, batch_size=batch_size) == pytest.approx(full, rel=1e-6)
+    assert ncsn.max_pairwise_distance(images.float() / 255, batch_size=batch_size) == pytest.approx(full / 255,
+                                                                                                     rel=1e-6)
+
+
 def test_recommended_sigmas_on_the_corners_of_a_cube():
     """Corners of the cube {0, s}^8: the largest distance is the diagonal s sqrt(8) (technique 1); the number of
     levels is the fewest with a ratio no larger than gamma(8) (technique 2)."""
