@@ -287,6 +287,12 @@ def image_files(path):
     return sorted(found)
 
 
+def folder_fingerprint(path):
+    """A short hash of the image files' relative names under path: a run keeps it, so that it notices a folder whose
+    files were added or removed (which would move images between its training set and its held-out slice)."""
+    return hashlib.sha256("\n".join(image_files(path)).encode()).hexdigest()[:16]
+
+
 def _is_grey(image):
     """Whether a picture holds grey levels only: a grey mode, or a palette whose colours in use are all grey."""
     if image.mode == "P":
@@ -300,8 +306,9 @@ def _flatten(image, grey):
     """The picture as "L" (grey) or "RGB", 8 bits a channel, composited on white where it is transparent."""
     from PIL import Image
 
-    if image.mode.startswith("I;16"):  # 16-bit grey: its high byte (convert("L") would clip every level above 255)
-        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+    if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit grey (older Pillow opens 16-bit PNGs as "I"):
+        # its high byte, since convert("L") would clip every level above 255
+        image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
     if image.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in image.info:
         # On white, as a viewer shows it: dropping alpha instead would bring back whatever the file keeps under its
         # transparent pixels (often black, sometimes junk), so alike pictures would train differently by file.
@@ -435,7 +442,7 @@ def load_folder(path, image_size, crop=None, grayscale=None, held_out=0, train=T
     cached = _read_cache(cache, key)
     if cached is not None:
         images, skipped = cached
-        for line in skipped:  # the same lines as when the cache was written
+        for line in skipped if progress else ():  # the same lines as when the cache was written
             print(f"skipping {os.path.join(path, line)}", file=sys.stderr)
         if progress:
             print(f"loaded {len(images)} images of {path} from its cache {cache}", file=sys.stderr)
@@ -443,7 +450,7 @@ def load_folder(path, image_size, crop=None, grayscale=None, held_out=0, train=T
         images, skipped = _decode_folder(path, files, image_size, crop, grayscale, progress)
         if images is not None:
             _write_cache(cache, key, images, skipped)
-    if skipped:
+    if skipped and progress:
         print(f"skipped {len(skipped)} of {len(files)} files in {path}", file=sys.stderr, flush=True)
     if images is None:
         raise DataError(f"none of the {len(files)} image files in {path} could be decoded (the lines above say why)")

@@ -232,22 +232,25 @@ def sample(model, shape, sigmas, n_steps_each, step_size, denoise=True, generato
 
 # ---- §10: NCSNv2's techniques 1, 2 and 4 -----------------------------------------------------------------------
 
-def max_pairwise_distance(data, batch_size=2048, progress=False):
+def max_pairwise_distance(data, batch_size=2048, progress=False, device=None):
     """max_{i,j} ||x_i - x_j||, NCSNv2 technique 1's sigma_1, by blocks of torch.cdist (memory batch_size^2).
 
     data: (N, *event_shape), floating, or integer (uint8 images: the distance is then in their units, and only two
         blocks at a time are converted to float, so a set held as uint8 needs no float copy of itself).
     progress: show the blocks done (progress_bar); 60000 MNIST digits are 465 blocks, a wait on a CPU.
+    device: where the distances are computed (default: data's device); data may then stay where it is, in host
+        memory, and only two blocks at a time are on the device.
     """
     x = data.flatten(1)  # (N, D)
+    device = torch.device(device) if device is not None else x.device
     dtype = torch.promote_types(data.dtype, torch.float32) if data.is_floating_point() else torch.float32
-    best = torch.zeros((), dtype=dtype, device=x.device)
+    best = torch.zeros((), dtype=dtype, device=device)
     n_blocks = math.ceil(len(x) / batch_size)
     with progress_bar(n_blocks * (n_blocks + 1) // 2, "sigma_1", enabled=progress, unit="block") as bar:
         for i in range(0, len(x), batch_size):
-            block = x[i:i + batch_size].to(dtype)  # fp16 or uint8 data in fp32
+            block = x[i:i + batch_size].to(device, dtype)  # fp16 or uint8 data in fp32
             for j in range(i, len(x), batch_size):  # the upper triangle of blocks: distances are symmetric
-                best = torch.maximum(best, torch.cdist(block, x[j:j + batch_size].to(dtype)).max())
+                best = torch.maximum(best, torch.cdist(block, x[j:j + batch_size].to(device, dtype)).max())
                 bar.update(1)
     return best.item()  # one host sync, at the end
 

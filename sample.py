@@ -38,8 +38,8 @@ from runs import RunError
 MASKS = ("right-half", "center", "random")
 HIDDEN_COLOUR = torch.tensor([0.25, 0.45, 0.85])  # hidden pixels in the figure: blue, never in a grey image
 HELDOUT = {  # the held-out images of each image set: what inpainting completes (a folder's: heldout_images)
-    "cifar10": lambda data_dir: data.load_cifar10(data_dir, train=False),
-    "mnist": lambda data_dir: data.load_mnist(data_dir, train=False),
+    "cifar10": lambda data_dir: data.load_cifar10(data_dir or "./data", train=False),
+    "mnist": lambda data_dir: data.load_mnist(data_dir or "./data", train=False),
     "digits": lambda data_dir: data.load_digits(train=False),
 }
 
@@ -95,9 +95,10 @@ def parse_args(argv=None):
                    help="K chains per row that share their start and mix two noise streams; writes "
                         "interpolation.png (a row per start) and interpolation.npz (rows run whole: at least K "
                         "chains at once, whatever --batch-size)")
-    g.add_argument("--data-dir", default="./data",
+    g.add_argument("--data-dir",
                    help="where the held-out images are found for --inpaint and --data-init, downloaded there if "
-                        "missing as train.py does (default: ./data; the digits need none)")
+                        "missing as train.py does (default: ./data; the digits need none; for a run on a folder of "
+                        "images, the run's own folder, or where that folder is now if it moved)")
     args = p.parse_args(argv)
     if args.out_dir is None and args.checkpoint is None:
         p.error("give --out-dir (a run of train.py) or --checkpoint")
@@ -175,13 +176,18 @@ def heldout_images(config, data_dir):
     slice that train.py set aside (the folder and its settings are in the checkpoint's config)."""
     folder = config.get("data")
     if folder:
+        path = os.path.abspath(data_dir) if data_dir else folder["path"]
         if not folder["held_out"]:
-            raise RunError(f"the run on {folder['path']} held out no images (--held-out 0); nothing to use")
+            raise RunError(f"the run on {folder['path']} held out no images (--held-out 0, or a folder of fewer "
+                           "than 10); nothing to use")
         try:
-            return data.load_folder(folder["path"], folder["image_size"], folder["crop"], folder["grayscale"],
-                                    held_out=folder["held_out"], train=False)
+            if os.path.isdir(path) and folder.get("files") not in (None, data.folder_fingerprint(path)):
+                raise data.DataError(f"files were added to or removed from {path} since the run, so its held-out "
+                                     "images are not known any more")
+            return data.load_folder(path, folder["image_size"], folder["crop"], folder["grayscale"],
+                                    held_out=folder["held_out"], train=False, progress=False)
         except data.DataError as e:
-            raise RunError(f"{e} (the run's folder, whose held-out slice is used)") from None
+            raise RunError(f"{e} (the run's folder, whose held-out slice is used; --data-dir if it moved)") from None
     if config["dataset"] not in HELDOUT:
         raise RunError(f"no held-out images of {config['dataset']} are known")
     try:

@@ -60,7 +60,9 @@ PRESETS = {
     # NCSNv2's larger image sets (their configs/celeba.yml, church.yml, ffhq.yml), read from folders of images
     # (data.load_folder). Their sigmas, L, T, batch, Adam and EMA; their steps doubled into the notes' convention, as
     # for CIFAR-10 (celeba 3.3e-6 -> 6.6e-6, church 4.9e-6 -> 9.8e-6, ffhq 9e-7 -> 1.8e-6). The U-Net is DDPM's for the
-    # resolution (unet_for) instead of their RefineNet, without dropout, as their network and DDPM's 256 px models.
+    # resolution (unet_for) instead of their RefineNet, without dropout, as their network and DDPM's 256 px models;
+    # Lanczos resizing where they use bilinear, and the folder less its held-out slice where they train on CelebA's
+    # official train split and a seeded 90% of FFHQ (README).
     # CelebA: img_align_celeba/, centre crop 140 then 64 x 64, flips; 210k steps.
     "celeba": dict(steps=210_000, batch_size=128, lr=1e-4, sigma_max=90.0, sigma_min=0.01, n_sigmas=500,
                    n_steps_each=5, step_size=6.6e-6, ema_decay=0.999, channels=128, channel_mults=None,
@@ -129,8 +131,10 @@ def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--dataset", choices=list(PRESETS),
                    help="what to train on (default: gmm; on resume, the checkpoint's)")
-    p.add_argument("--data-dir", default="./data", help="where data sets are found or downloaded to; for --dataset "
-                                                        "folder, the folder of images itself")
+    p.add_argument("--data-dir", help="where data sets are found or downloaded to (default: ./data): for celeba, church "
+                                      "and ffhq the folder that holds img_align_celeba/, church_outdoor_train/ or "
+                                      "ffhq/; for --dataset folder (where it is required) the folder of images "
+                                      "itself; on resume, where the run's images are now if they moved")
     p.add_argument("--out-dir", default=None, help="checkpoint, samples and metrics (default: runs/<dataset>)")
     p.add_argument("--seed", type=int, help="seed of data, noise, dropout and initialisation (default: 0)")
     p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu; or e.g. cuda:1")
@@ -159,9 +163,10 @@ def parse_args(argv=None):
     g.add_argument("--n-steps-each", type=int, help=f"Langevin steps per level T ({preset_help('n_steps_each')})")
     g.add_argument("--step-size", type=float, help=f"step size at sigma_min ({preset_help('step_size')}; "
                                                    "None: NCSNv2 technique 4)")
-    g = p.add_argument_group("image folders (--dataset folder, celeba, church, ffhq; on resume, the checkpoint's)")
-    g.add_argument("--image-size", type=int, help=f"side of the square the images are resized and cropped to "
-                                                  f"({preset_help('image_size')})")
+    g = p.add_argument_group("image folders (--dataset folder, celeba, church, ffhq; the checkpoint keeps the first "
+                             "four: a resume may not change them)")
+    g.add_argument("--image-size", type=int, help=f"side of the square the images are resized and cropped to: 32, "
+                                                  f"64, 128, 256, or below 32 ({preset_help('image_size')})")
     g.add_argument("--crop", type=int, help="centre crop of this side before the resize (preset: celeba 140)")
     colour = g.add_mutually_exclusive_group()
     colour.add_argument("--grayscale", action="store_true", default=None,
@@ -169,8 +174,8 @@ def parse_args(argv=None):
                              "every image is grey)")
     colour.add_argument("--rgb", dest="grayscale", action="store_false", default=None,
                         help="three channels, even if every image is grey")
-    g.add_argument("--held-out", type=int, help="images set aside, never trained on, for the held-out loss and "
-                                                "sample.py --inpaint (default: a tenth of the folder, at most 1000)")
+    g.add_argument("--held-out", type=int, help="images set aside, never trained on, for sample.py --inpaint and "
+                                                "--data-init (default: a tenth of the folder, at most 1000)")
     g.add_argument("--data-on", choices=["auto", "device", "host"], default="auto",
                    help="where the training images live: on the device, or in (pinned) host memory with each batch "
                         "copied over; auto picks the device unless the set takes more than half of its free memory")
@@ -202,6 +207,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be > 0 and finite, got {getattr(args, name)}")
     if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
         p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.dataset == "folder" and args.data_dir is None:
+        p.error("--dataset folder needs --data-dir PATH, the folder of images to train on")
     args.out_dir = args.out_dir or os.path.join("runs", args.dataset or "gmm")
     return args
 
@@ -287,6 +294,11 @@ def run_identity(args, saved):
         shape = IMAGE_SETS[identity["dataset"]]
         raise RunError(f"--objective exact needs one backward pass per dimension per step (D = "
                        f"{math.prod(shape) if shape else 'C x H x W'} for {identity['dataset']}); use dsm or ssm")
+    given = [f"--{key.replace('_', '-')}" for key in ("image_size", "crop", "grayscale", "held_out")
+             if getattr(args, key) is not None]
+    if given and identity["dataset"] not in FOLDER_SETS:
+        raise RunError(f"{', '.join(given)} go with the image folders (--dataset {', '.join(FOLDER_SETS)}), not with "
+                       f"{identity['dataset']}")
     if saved and saved["dataset"] != identity["dataset"]:
         raise RunError(f"checkpoint {os.path.join(args.out_dir, 'checkpoint.pt')} was trained on a different dataset "
                        f"({saved['dataset']}); use another --out-dir")
@@ -344,7 +356,7 @@ def resolve_config(args, identity, train_data, folder, device, saved, is_main):
         if is_main:
             print(f"sigma_max: the largest distance between the {len(train_data)} training points (technique 1)")
         # uint8 images in pixel units (no float copy of the set), then / 255 for the model's [0, 1]
-        distance = ncsn.max_pairwise_distance(train_data.to(device), progress=is_main)
+        distance = ncsn.max_pairwise_distance(train_data, progress=is_main, device=device)  # blocks to the device
         sigma_max = distance / 255 if images else distance
     if not sigma_max > sigma_min:
         raise RunError(f"--sigma-max ({sigma_max:g}) must be larger than --sigma-min ({sigma_min:g})")
@@ -370,23 +382,32 @@ def resolve_config(args, identity, train_data, folder, device, saved, is_main):
 # ----------------------------------------------------------------------------------------------------------------
 def folder_settings(args, dataset, saved):
     """For the folder sets, where the images are and how they are decoded, {path, image_size, crop, grayscale,
-    held_out}: the checkpoint's on resume (flags may not change them: other images make another run), else flags over
-    the preset's; grayscale None is one channel when every image is grey, held_out None a tenth of the folder (at
-    most 1000, decided on the first run). None for the other sets."""
+    held_out, files}: the checkpoint's on resume (a flag may not change them: other images make another run; only
+    --data-dir may say where they are now), else flags over the preset's. grayscale None is one channel when every
+    image is grey; held_out None a tenth of the folder (at most 1000), and files the folder's fingerprint, both
+    decided by read_images on the first run. None for the other sets."""
     if dataset not in FOLDER_SETS:
         return None
-    flags = {key: getattr(args, key) for key in ("image_size", "crop", "grayscale", "held_out")}
-    if saved.get("data"):
-        changed = [key for key, value in flags.items() if value is not None and value != saved["data"][key]]
-        if changed:
-            raise RunError(f"the checkpoint in {args.out_dir} was trained on images with another "
-                           f"{', '.join('--' + key.replace('_', '-') for key in changed)}; use another --out-dir")
-        return saved["data"]
     preset = PRESETS[dataset]
-    path = os.path.abspath(os.path.join(args.data_dir, preset["folder"]))  # folder: --data-dir itself
-    return dict(path=path, image_size=args.image_size or preset["image_size"],
-                crop=args.crop if args.crop is not None else preset["crop"], grayscale=args.grayscale,
-                held_out=args.held_out)
+    path = os.path.abspath(os.path.join(args.data_dir or "./data", preset["folder"]))  # folder: --data-dir itself
+    if saved.get("data"):
+        folder = dict(saved["data"])
+        changed = [f"--{key.replace('_', '-')}" for key in ("image_size", "crop", "held_out")
+                   if getattr(args, key) is not None and getattr(args, key) != folder[key]]
+        if args.grayscale is not None and args.grayscale != (saved["shape"][0] == 1):
+            changed.append("--grayscale" if args.grayscale else "--rgb")
+        if changed:
+            raise RunError(f"the checkpoint in {args.out_dir} was trained on images with another {', '.join(changed)}; "
+                           "use another --out-dir")
+        if args.data_dir is not None and path != folder["path"]:  # moved: the fingerprint still checks the files
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"note: the run's images are read from {path} now, no longer from {folder['path']}")
+            folder["path"] = path
+        return folder
+    image_size = args.image_size or preset["image_size"]
+    unet_for(image_size, preset)  # a size without a U-Net is refused before any decoding
+    return dict(path=path, image_size=image_size, crop=args.crop if args.crop is not None else preset["crop"],
+                grayscale=args.grayscale, held_out=args.held_out, files=None)
 
 
 def read_images(dataset, data_dir, folder, download, progress):
@@ -395,15 +416,24 @@ def read_images(dataset, data_dir, folder, download, progress):
     if dataset == "digits":
         return data.load_digits(train=True), None  # shipped with scikit-learn: nothing to download, no data_dir
     if dataset in FOLDER_SETS:
-        settings = dict(path=folder["path"], image_size=folder["image_size"], crop=folder["crop"],
-                        grayscale=folder["grayscale"])
-        held_out = folder["held_out"]
-        if held_out is None:  # a tenth of the folder's image files, at most 1000
-            held_out = min(1000, len(data.image_files(folder["path"])) // 10) if os.path.isdir(folder["path"]) else 0
-        images = data.load_folder(**settings, held_out=held_out, train=True, progress=progress)
-        return images, dict(folder, held_out=held_out)  # grayscale as given: None stays "as the images are" (its cache)
+        path = folder["path"]
+        if not os.path.isdir(path):
+            raise data.DataError(f"{path} is not a folder: the images of --dataset {dataset} go there (--data-dir)")
+        files, fingerprint = data.image_files(path), data.folder_fingerprint(path)
+        if folder.get("files") not in (None, fingerprint):
+            raise data.DataError(f"files were added to or removed from {path} since the run began, which would move "
+                                 "held-out images into training; restore the folder, or use another --out-dir")
+        held_out = min(1000, len(files) // 10) if folder["held_out"] is None else folder["held_out"]
+        if len(files) - held_out < 2:
+            raise data.DataError(f"--held-out {held_out} leaves fewer than 2 of the {len(files)} images in {path} "
+                                 "to train on")
+        images = data.load_folder(path, folder["image_size"], folder["crop"], folder["grayscale"],
+                                  held_out=held_out, train=True, progress=progress)
+        if len(images) < 2:
+            raise data.DataError(f"only {len(images)} image of {path} is left to train on; hold out fewer")
+        return images, dict(folder, held_out=held_out, files=fingerprint)
     load = data.load_cifar10 if dataset == "cifar10" else data.load_mnist
-    return load(data_dir, train=True, download=download, progress=progress), None
+    return load(data_dir or "./data", train=True, download=download, progress=progress), None
 
 
 def load_images(dataset, data_dir, folder, control):

@@ -270,7 +270,7 @@ def test_warmup_and_grad_clip_are_kept_by_the_checkpoint_and_resume_exactly(tmp_
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     settings = ["--dataset", "gmm", "--sample-every", 0, "--warmup", 10, "--grad-clip", "0.5", "--lr", "1e-3", *FAST]
     run("--out-dir", whole, "--steps", 20, *settings)
-    run("--out-dir", halves, "--steps", 10, *settings)
+    run("--out-dir", halves, "--steps", 5, *settings)  # stopped in the middle of the warm-up
     run("--out-dir", halves, "--steps", 20, "--device", "cpu")  # the rest from the checkpoint
     lrs = [r["lr"] for r in metrics(whole) if "lr" in r]
     assert lrs == [1e-3 * 10 / 10, 1e-3]  # steps 10 and 20 (0-based steps 9 and 19): warm-up done at the 10th
@@ -330,11 +330,13 @@ def test_unet_for_a_resolution_halves_to_8x8_and_attends_at_16():
 
 def test_a_folder_of_pictures_trains_resumes_and_its_held_out_slice_is_inpainted(tmp_path):
     """--dataset folder: pictures of any size in nested folders, decoded once (cached), a U-Net for the resolution,
-    the folder's settings in the checkpoint; a resume keeps them and refuses to change the images; sample.py
-    inpaints the images train.py held out."""
+    the folder's settings in the checkpoint; the held-out images never train; a resume keeps the settings, refuses to
+    change the images, finds a moved folder and refuses one whose files changed; sample.py inpaints the images
+    train.py held out."""
     from PIL import Image
 
     import data
+    import ncsn
     pictures = tmp_path / "pictures"
     rng = np.random.default_rng(0)
     for i in range(24):
@@ -350,7 +352,11 @@ def test_a_folder_of_pictures_trains_resumes_and_its_held_out_slice_is_inpainted
     result = run("--dataset", "folder", "--data-dir", pictures, "--out-dir", out, "--steps", 2, *settings)
     assert f"folder from {pictures} (16x16, 4 held out)" in result.stdout and "GFLOPs per image" in result.stdout
     config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
-    assert config["data"] == dict(path=str(pictures), image_size=16, crop=None, grayscale=None, held_out=4)
+    assert config["data"] == dict(path=str(pictures), image_size=16, crop=None, grayscale=None, held_out=4,
+                                  files=data.folder_fingerprint(pictures))
+    training = data.load_folder(pictures, 16, held_out=4, progress=False)  # 20: the held-out 4 never train
+    sigma_1 = ncsn.max_pairwise_distance(training.float() / 255)
+    assert len(training) == 20 and config["sigmas"][0] == pytest.approx(sigma_1, rel=1e-5)
     assert config["shape"] == [3, 16, 16] and config["architecture"]["channel_mults"] == [1, 2, 2]
     assert not config["flip"] and (pictures / data.FOLDER_CACHE).is_dir()
     result = run("--out-dir", out, "--steps", 3, "--device", "cpu")  # the folder and its settings from the checkpoint
@@ -361,6 +367,42 @@ def test_a_folder_of_pictures_trains_resumes_and_its_held_out_slice_is_inpainted
     originals = np.load(out / "inpainting.npz")["originals"]
     held_out = data.load_folder(pictures, 16, held_out=4, train=False, progress=False).permute(0, 2, 3, 1).numpy()
     assert sorted(o.tobytes() for o in originals) == sorted(h.tobytes() for h in held_out)
+    moved = tmp_path / "moved"
+    pictures.rename(moved)  # a folder that moved is found with --data-dir; one whose files changed is refused
+    result = run("--out-dir", out, "--steps", 4, "--data-dir", moved, "--device", "cpu")
+    assert f"read from {moved} now" in result.stdout
+    (moved / "b" / "extra.png").write_bytes((moved / "a" / "p1.png").read_bytes())
+    assert_one_line_error(run("--out-dir", out, "--steps", 5, "--data-dir", moved, "--device", "cpu", check=False),
+                          "added to or removed from", "held-out")
+    assert_one_line_error(sample("--out-dir", out, "--inpaint", "center", "--data-dir", moved, "--device", "cpu",
+                                 check=False), "held-out")
+
+
+def test_a_checkpoint_without_the_newer_settings_resumes_with_their_old_values(tmp_path):
+    """A checkpoint of a train.py before warm-up, clipping, Adam's eps, flips and folders resumes as it ran."""
+    out = tmp_path / "old"
+    run("--dataset", "gmm", "--out-dir", out, "--steps", 3, "--sample-every", 0, *FAST)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    for key in ("grad_clip", "warmup", "adam_eps", "flip", "data"):
+        del ckpt["config"][key]
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert "resuming from" in run("--out-dir", out, "--steps", 5, "--device", "cpu").stdout
+    config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+    assert (config["grad_clip"], config["warmup"], config["adam_eps"], config["flip"]) == (0.0, 0, 1e-8, False)
+
+
+def test_image_folder_flags_are_refused_before_any_decoding_where_they_cannot_apply(tmp_path):
+    assert_one_line_error(run("--dataset", "folder", check=False), "--data-dir")
+    assert_one_line_error(run("--dataset", "gmm", "--image-size", 32, "--out-dir", tmp_path / "g", check=False),
+                          "--image-size", "image folders")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run("--dataset", "folder", "--data-dir", empty, "--image-size", 96, "--out-dir",
+                              tmp_path / "a", check=False), "--image-size 96")
+    assert not (empty / ".ncsn-cache").exists()
+    (empty / "one.png").write_bytes(b"not decoded")
+    assert_one_line_error(run("--dataset", "folder", "--data-dir", empty, "--held-out", 0, "--out-dir", tmp_path / "b",
+                              check=False), "fewer than 2 of the 1 images")
 
 
 def test_non_finite_loss_stops_before_overwriting_the_checkpoint(tmp_path):
