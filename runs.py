@@ -1,6 +1,7 @@
 """A training run on disk: what train.py keeps in its --out-dir, and how train.py and sample.py read it back.
 
     checkpoint.pt             {model, ema, optimizer, step, config, rng, interval}, read with torch.load(weights_only)
+    checkpoint_NNNNNNN.pt     the same at step NNNNNNN, kept with --keep-every K (the checkpoint history)
     metrics.jsonl             one JSON object per line: the loss every --log-every steps, quality numbers, ...
     samples/step_NNNNNNN.png  sample figures during training (a grid of images, or 2-D points over fresh data)
     samples.npz, samples.png  sample.py's samples and their figure
@@ -30,6 +31,7 @@ import zipfile
 import torch
 from einops import rearrange
 
+import data
 import ncsn
 
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config", "rng"}
@@ -207,6 +209,39 @@ def build_model(config):
 
 def is_image_run(config):
     return len(config["shape"]) == 3  # (C, H, W); the 2-D sets have shape (2,)
+
+
+HELDOUT = {  # the held-out images of each image set (a folder's: heldout_images)
+    "cifar10": lambda data_dir: data.load_cifar10(data_dir or "./data", train=False),
+    "mnist": lambda data_dir: data.load_mnist(data_dir or "./data", train=False),
+    "digits": lambda data_dir: data.load_digits(train=False),
+}
+
+
+def heldout_images(config, data_dir):
+    """All held-out images of a run's data set, uint8 (N, C, H, W): its test split, or for a run on a folder the slice
+    that train.py set aside (the folder and its settings are in the checkpoint's config). What the held-out loss is
+    measured on, and what sample.py --inpaint and --data-init take."""
+    folder = config.get("data")
+    if folder:
+        path = os.path.abspath(data_dir) if data_dir else folder["path"]
+        if not folder["held_out"]:
+            raise RunError(f"the run on {folder['path']} held out no images (--held-out 0, or a folder of fewer "
+                           "than 10); nothing to use")
+        try:
+            if os.path.isdir(path) and folder.get("files") not in (None, data.folder_fingerprint(path)):
+                raise data.DataError(f"files were added to or removed from {path} since the run, so its held-out "
+                                     "images are not known any more")
+            return data.load_folder(path, folder["image_size"], folder["crop"], folder["grayscale"],
+                                    held_out=folder["held_out"], train=False, progress=False)
+        except data.DataError as e:
+            raise RunError(f"{e} (the run's folder, whose held-out slice is used; --data-dir if it moved)") from None
+    if config["dataset"] not in HELDOUT:
+        raise RunError(f"no held-out images of {config['dataset']} are known")
+    try:
+        return HELDOUT[config["dataset"]](data_dir)
+    except data.DataError as e:
+        raise RunError(f"{e} (the held-out images; --data-dir points at them)") from None
 
 
 def draw_samples(model, config, n, generator, progress=False, batch_size=None, callback=None, init=None):

@@ -37,11 +37,6 @@ from runs import RunError
 
 MASKS = ("right-half", "center", "random")
 HIDDEN_COLOUR = torch.tensor([0.25, 0.45, 0.85])  # hidden pixels in the figure: blue, never in a grey image
-HELDOUT = {  # the held-out images of each image set: what inpainting completes (a folder's: heldout_images)
-    "cifar10": lambda data_dir: data.load_cifar10(data_dir or "./data", train=False),
-    "mnist": lambda data_dir: data.load_mnist(data_dir or "./data", train=False),
-    "digits": lambda data_dir: data.load_digits(train=False),
-}
 
 
 class Parser(argparse.ArgumentParser):
@@ -171,34 +166,9 @@ def save_npz(path, **arrays):
     runs.save_atomic(lambda f: np.savez(f, **arrays), path)
 
 
-def heldout_images(config, data_dir):
-    """All held-out images of the run's data set, uint8 (N, C, H, W): its test split, or for a run on a folder the
-    slice that train.py set aside (the folder and its settings are in the checkpoint's config)."""
-    folder = config.get("data")
-    if folder:
-        path = os.path.abspath(data_dir) if data_dir else folder["path"]
-        if not folder["held_out"]:
-            raise RunError(f"the run on {folder['path']} held out no images (--held-out 0, or a folder of fewer "
-                           "than 10); nothing to use")
-        try:
-            if os.path.isdir(path) and folder.get("files") not in (None, data.folder_fingerprint(path)):
-                raise data.DataError(f"files were added to or removed from {path} since the run, so its held-out "
-                                     "images are not known any more")
-            return data.load_folder(path, folder["image_size"], folder["crop"], folder["grayscale"],
-                                    held_out=folder["held_out"], train=False, progress=False)
-        except data.DataError as e:
-            raise RunError(f"{e} (the run's folder, whose held-out slice is used; --data-dir if it moved)") from None
-    if config["dataset"] not in HELDOUT:
-        raise RunError(f"no held-out images of {config['dataset']} are known")
-    try:
-        return HELDOUT[config["dataset"]](data_dir)
-    except data.DataError as e:
-        raise RunError(f"{e} (the held-out images; --data-dir points at them)") from None
-
-
 def heldout(config, data_dir, n, generator):
     """n held-out images of the run's data set in [0, 1], (n, C, H, W) float, drawn without replacement."""
-    images = heldout_images(config, data_dir)
+    images = runs.heldout_images(config, data_dir)
     if n > len(images):
         raise RunError(f"-n {n} asks for more images than the {len(images)} held-out ones of {config['dataset']}")
     if tuple(images.shape[1:]) != tuple(config["shape"]):

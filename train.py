@@ -185,6 +185,9 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, help=f"steps between metrics lines ({preset_help('log_every')})")
     g.add_argument("--ckpt-every", type=int, help=f"steps between checkpoints ({preset_help('ckpt_every')}); "
                                                   "one is always written at the end")
+    g.add_argument("--keep-every", type=int, help="also keep a snapshot checkpoint_NNNNNNN.pt every K steps beside the "
+                                                  "rolling checkpoint.pt, to sample from or score later (default: 0, "
+                                                  "none; NCSNv2 keeps one every 5000 steps)")
     g.add_argument("--sample-every", type=int, help=f"steps between sample figures ({preset_help('sample_every')}); "
                                                     "0 means no sampling at all, not even at the end")
     p.add_argument("--sample", type=int, help=argparse.SUPPRESS)  # the sampling mode is sample.py's now
@@ -197,7 +200,7 @@ def parse_args(argv=None):
                         ("n_steps_each", 1), ("image_size", 4), ("crop", 1), ("held_out", 0)):
         if getattr(args, name) is not None and getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
-    for name in ("log_every", "ckpt_every", "sample_every", "warmup"):
+    for name in ("log_every", "ckpt_every", "sample_every", "warmup", "keep_every"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got {getattr(args, name)}")
     if args.grad_clip is not None and not 0 <= args.grad_clip < math.inf:
@@ -326,7 +329,8 @@ def resumed_settings(saved):
     """A checkpoint config's settings in the presets' terms: a resumed run keeps them unless a flag changes them."""
     settings = {key: saved[key] for key in ("steps", "batch_size", "lr", "ema_decay", "n_steps_each", "step_size",
                                             "log_every", "ckpt_every", "sample_every", "n_grid")}
-    settings.update(grad_clip=saved.get("grad_clip", 0.0), warmup=saved.get("warmup", 0),  # older runs had neither
+    settings.update(grad_clip=saved.get("grad_clip", 0.0), warmup=saved.get("warmup", 0),  # older runs had none
+                    keep_every=saved.get("keep_every", 0),
                     adam_eps=saved.get("adam_eps", 1e-8), flip=saved.get("flip", saved["dataset"] == "cifar10"))
     settings.update(sigma_max=saved["sigmas"][0], sigma_min=saved["sigmas"][-1], n_sigmas=len(saved["sigmas"]))
     settings.update({key: saved["architecture"][key] for key in ("channels", "hidden")
@@ -339,7 +343,7 @@ def resolve_config(args, identity, train_data, folder, device, saved, is_main):
     left open (None): sigma_1 is the largest distance between training points (1), L follows from the ratio gamma(D)
     (2), the step size from f(eps) (4)."""
     dataset, images = identity["dataset"], identity["dataset"] in IMAGE_SETS
-    preset = {"grad_clip": 0.0, "warmup": 0, "adam_eps": 1e-8, **PRESETS[dataset],
+    preset = {"grad_clip": 0.0, "warmup": 0, "adam_eps": 1e-8, "keep_every": 0, **PRESETS[dataset],
               **(resumed_settings(saved) if saved else {})}
     preset.update({key: getattr(args, key) for key in preset if getattr(args, key, None) is not None})
     if images:
@@ -374,7 +378,8 @@ def resolve_config(args, identity, train_data, folder, device, saved, is_main):
                 warmup=preset["warmup"], adam_eps=preset["adam_eps"], flip=bool(preset.get("flip", False)),
                 data=folder, batch_size=preset["batch_size"],
                 ema_decay=preset["ema_decay"], steps=preset["steps"], log_every=preset["log_every"],
-                ckpt_every=preset["ckpt_every"], sample_every=preset["sample_every"], n_grid=preset["n_grid"])
+                ckpt_every=preset["ckpt_every"], keep_every=preset["keep_every"], sample_every=preset["sample_every"],
+                n_grid=preset["n_grid"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -639,11 +644,17 @@ def due(step, config, stopping):
     a sample figure, a check."""
     last = step == config["steps"]
     events = dict(log=bool(config["log_every"]) and step % config["log_every"] == 0,
-                  ckpt=bool(config["ckpt_every"]) and step % config["ckpt_every"] == 0 or last or bool(stopping),
+                  ckpt=bool(config["ckpt_every"]) and step % config["ckpt_every"] == 0 or last or bool(stopping)
+                  or keeps_snapshot(step, config),
                   sample=bool(config["sample_every"]) and (step % config["sample_every"] == 0 or last))
     # Non-finite losses are looked for before anything is written, and at least every 100 steps.
     events["check"] = any(events.values()) or step % min(config["log_every"] or 100, 100) == 0
     return events
+
+
+def keeps_snapshot(step, config):
+    """Whether the checkpoint of this step is also kept as checkpoint_NNNNNNN.pt (--keep-every)."""
+    return bool(config.get("keep_every")) and step % config["keep_every"] == 0
 
 
 def check_finite(losses, step, world, out_dir):
@@ -710,9 +721,48 @@ def stop_signal(control):
     return int(signum)
 
 
-def log_metrics(step, losses, band_stats, band_names, seconds, config, rank, world, bar, out_dir):
+def heldout_set(config, data_dir, device, band_of_level, band_names, size=512):
+    """Rank 0, image runs: what the held-out loss is measured on, fixed for the whole run (so that its curve is
+    smooth and a resumed run logs the same numbers): up to `size` held-out images (runs.heldout_images), each at a
+    fixed level (the levels in turn, so every band is covered) with fixed noise. None, with a note, where the run's
+    data set has no held-out images at hand."""
+    if not runs.is_image_run(config):
+        return None
+    try:
+        images = runs.heldout_images(config, None if config.get("data") else data_dir)
+    except RunError as e:
+        print(f"note: no held-out loss ({e})", file=sys.stderr)
+        return None
+    g = torch.Generator().manual_seed(20_191_102)  # its own stream: the training streams are untouched
+    images = images[torch.randperm(len(images), generator=g)[:size]]
+    levels = torch.arange(len(images)) % len(config["sigmas"])  # (n,)
+    return dict(x=images.to(device).float() / 255, levels=levels.to(device),
+                noise=torch.randn(images.shape, generator=g).to(device), sigmas=torch.tensor(config["sigmas"],
+                device=device), band_of_level=band_of_level, band_names=band_names)
+
+
+@torch.no_grad()
+def heldout_loss(model, heldout, batch_size=128):
+    """The NCSN loss (ncsn_loss, DSM) of `model` (the EMA network) on the held-out set, overall and per sigma band:
+    over-fitting shows as a held-out loss that rises while the training loss falls (NCSNv2 logs it too)."""
+    was_training = model.training
+    model.eval()  # no dropout: the same weights give the same number
+    per_example = torch.cat([ncsn.ncsn_loss(model, heldout["x"][i:i + batch_size], heldout["sigmas"],
+                                            reduction="none", levels=heldout["levels"][i:i + batch_size],
+                                            noise=heldout["noise"][i:i + batch_size])
+                             for i in range(0, len(heldout["x"]), batch_size)])  # (n,)
+    model.train(was_training)
+    band = heldout["band_of_level"][heldout["levels"]]  # (n,)
+    sums = torch.zeros(len(heldout["band_names"]), device=band.device).index_add_(0, band, per_example)
+    counts = torch.bincount(band, minlength=len(heldout["band_names"])).clamp(min=1)
+    return dict(heldout_loss=float(per_example.mean()),
+                heldout_loss_per_sigma_band={name: float(v) for name, v in zip(heldout["band_names"], sums / counts)})
+
+
+def log_metrics(step, losses, band_stats, band_names, seconds, config, rank, world, bar, out_dir, ema_model, heldout):
     """The metrics of the steps since the last line, averaged over the ranks (band_stats: (2, n_bands), the sums of
-    the per-example losses in each band and their counts); rank 0 shows them and appends them to metrics.jsonl."""
+    the per-example losses in each band and their counts), and the EMA model's held-out loss (heldout_set, rank 0);
+    rank 0 shows them and appends them to metrics.jsonl."""
     values = torch.stack(losses)
     if world > 1:
         for t in (values, band_stats):
@@ -722,7 +772,7 @@ def log_metrics(step, losses, band_stats, band_names, seconds, config, rank, wor
                 images_per_s=len(values) * config["batch_size"] / seconds,
                 loss_per_sigma_band={name: float(s / max(c, 1)) for name, s, c in zip(band_names, *band_stats.cpu())})
     if rank == 0:
-        report(line, bar, out_dir)
+        report(dict(line, **(heldout_loss(ema_model, heldout) if heldout is not None else {})), bar, out_dir)
 
 
 def unlogged_losses(interval, n_bands, device):
@@ -735,9 +785,11 @@ def unlogged_losses(interval, n_bands, device):
 
 def report(line, bar, out_dir):
     """Rank 0: the bar's postfix on a terminal, else a printed line; and the line in metrics.jsonl."""
-    bar.set_postfix(loss=f"{line['loss']:.4g}", img_s=f"{line['images_per_s']:.0f}")
+    heldout = f", held-out {line['heldout_loss']:.4g}" if "heldout_loss" in line else ""
+    bar.set_postfix(loss=f"{line['loss']:.4g}", **({"held_out": f"{line['heldout_loss']:.4g}"} if heldout else {}),
+                    img_s=f"{line['images_per_s']:.0f}")
     if bar.disable:  # no terminal (a log file, a batch job): one line per interval
-        print(f"step {line['step']}: loss {line['loss']:.4g}, {line['images_per_s']:.0f} images/s", flush=True)
+        print(f"step {line['step']}: loss {line['loss']:.4g}{heldout}, {line['images_per_s']:.0f} images/s", flush=True)
     runs.append_metrics(out_dir, line)
 
 
@@ -764,8 +816,10 @@ def save_checkpoint(path, model, ema, optimizer, step, config, generators, losse
     if is_first_rank(control):
         state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
                      config=config, rng=[rng for rng, _ in gathered], interval=[interval for _, interval in gathered])
+        snapshot = os.path.join(os.path.dirname(path), f"checkpoint_{step:07d}.pt")
         try:
-            runs.save_atomic(lambda f: torch.save(state, f), path)
+            for target in [path] + ([snapshot] if keeps_snapshot(step, config) else []):
+                runs.save_atomic(lambda f: torch.save(state, f), target)
         except RunError as e:
             error = e
     agree(error, control)
@@ -919,6 +973,7 @@ def train(args):
     band_of_level, band_names = sigma_bands(config["sigmas"], device)
     losses, band_stats, seconds = unlogged_losses(interval, len(band_names), device)
     checked = len(losses)  # how many of them are known to be finite
+    heldout = heldout_set(config, args.data_dir, device, band_of_level, band_names) if is_main else None
     if is_main:
         announce(config, model, world, device, args.out_dir)
 
@@ -954,7 +1009,7 @@ def train(args):
             # Log.
             if events["log"]:
                 log_metrics(step, losses, band_stats, band_names, seconds + time.perf_counter() - since, config,
-                            rank, world, bar, args.out_dir)
+                            rank, world, bar, args.out_dir, ema.module, heldout)
             if events["log"] or (events["check"] and not config["log_every"]):  # a new interval begins
                 losses, checked, seconds, since = [], 0, 0.0, time.perf_counter()
                 band_stats.zero_()

@@ -241,8 +241,10 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert_one_line_error(run("--steps", "-3", check=False), "--steps")
     assert_one_line_error(run("--lr", "0", check=False), "--lr")
     assert_one_line_error(run("--steps", "ten", check=False), "--steps")
-    assert_one_line_error(run("--dataset", "cifar10", "--objective", "exact", check=False), "exact", "D = 3072")
-    assert_one_line_error(run("--dataset", "digits", "--objective", "exact", check=False), "exact", "D = 64 for digits")
+    assert_one_line_error(run("--dataset", "cifar10", "--objective", "exact", "--out-dir", tmp_path / "c", check=False),
+                          "exact", "D = 3072")
+    assert_one_line_error(run("--dataset", "digits", "--objective", "exact", "--out-dir", tmp_path / "d", check=False),
+                          "exact", "D = 64 for digits")
     assert_one_line_error(run("--sample", 4, check=False), "python sample.py")  # sampling moved there
     assert_one_line_error(run("--sample", 4, "--sample-batch-size", 2, check=False), "-n 4 --batch-size 2")
     assert_one_line_error(run("--sample-ev", 4, check=False), "unrecognized arguments")  # no abbreviations
@@ -383,12 +385,13 @@ def test_a_checkpoint_without_the_newer_settings_resumes_with_their_old_values(t
     out = tmp_path / "old"
     run("--dataset", "gmm", "--out-dir", out, "--steps", 3, "--sample-every", 0, *FAST)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    for key in ("grad_clip", "warmup", "adam_eps", "flip", "data"):
+    for key in ("grad_clip", "warmup", "adam_eps", "flip", "data", "keep_every"):
         del ckpt["config"][key]
     torch.save(ckpt, out / "checkpoint.pt")
     assert "resuming from" in run("--out-dir", out, "--steps", 5, "--device", "cpu").stdout
     config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
-    assert (config["grad_clip"], config["warmup"], config["adam_eps"], config["flip"]) == (0.0, 0, 1e-8, False)
+    assert (config["grad_clip"], config["warmup"], config["adam_eps"], config["flip"], config["keep_every"]) == (
+        0.0, 0, 1e-8, False, 0)
 
 
 def test_image_folder_flags_are_refused_before_any_decoding_where_they_cannot_apply(tmp_path):
@@ -403,6 +406,49 @@ def test_image_folder_flags_are_refused_before_any_decoding_where_they_cannot_ap
     (empty / "one.png").write_bytes(b"not decoded")
     assert_one_line_error(run("--dataset", "folder", "--data-dir", empty, "--held-out", 0, "--out-dir", tmp_path / "b",
                               check=False), "fewer than 2 of the 1 images")
+
+
+def test_metrics_carry_the_ema_models_loss_on_fixed_held_out_images(tmp_path):
+    """Image runs log the EMA network's NCSN loss on held-out images (the 297 held-out digits here) at fixed levels and
+    noise: the number in metrics.jsonl is that of the checkpoint's EMA weights, recomputed by hand."""
+    import data
+    import runs
+    import train
+    out = tmp_path / "digits"
+    run("--dataset", "digits", "--out-dir", out, "--steps", 4, "--log-every", 2, "--channels", 8, "--n-steps-each", 1,
+        "--sample-every", 0, "--device", "cpu")
+    lines = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in lines] == [2, 4] and all("heldout_loss" in r for r in lines)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    model = runs.build_model(ckpt["config"])
+    model.load_state_dict(ckpt["ema"])
+    band_of_level, band_names = train.sigma_bands(ckpt["config"]["sigmas"], torch.device("cpu"))
+    heldout = train.heldout_set(ckpt["config"], None, torch.device("cpu"), band_of_level, band_names)
+    pixels = (heldout["x"] * 255).round().to(torch.uint8)
+    assert sorted(p.numpy().tobytes() for p in pixels) == sorted(
+        p.numpy().tobytes() for p in data.load_digits(train=False))  # all 297 held-out digits, no training one
+    by_hand = train.heldout_loss(model, heldout)
+    assert by_hand["heldout_loss"] == pytest.approx(lines[-1]["heldout_loss"], rel=1e-5)
+    assert by_hand["heldout_loss_per_sigma_band"] == pytest.approx(lines[-1]["heldout_loss_per_sigma_band"], rel=1e-5)
+    assert lines[0]["heldout_loss"] != lines[1]["heldout_loss"]  # the EMA moved between the two lines
+
+
+def test_keep_every_keeps_snapshots_that_resume_to_the_same_run(tmp_path):
+    """--keep-every K: checkpoint_NNNNNNN.pt every K steps beside checkpoint.pt (whatever --ckpt-every says), each a
+    whole checkpoint of its step: resumed elsewhere, the snapshot of step 4 ends where the run itself ended."""
+    import shutil
+    out, again = tmp_path / "run", tmp_path / "again"
+    run("--dataset", "gmm", "--out-dir", out, "--steps", 6, "--keep-every", 2, "--ckpt-every", 0, "--sample-every", 0,
+        *FAST)
+    assert sorted(p.name for p in out.glob("checkpoint*.pt")) == [
+        "checkpoint.pt", "checkpoint_0000002.pt", "checkpoint_0000004.pt", "checkpoint_0000006.pt"]
+    assert [torch.load(out / f"checkpoint_{s:07d}.pt", weights_only=True)["step"] for s in (2, 4, 6)] == [2, 4, 6]
+    again.mkdir()
+    shutil.copy(out / "checkpoint_0000004.pt", again / "checkpoint.pt")
+    run("--out-dir", again, "--steps", 6, "--device", "cpu")
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (out, again))
+    assert all(torch.equal(a[key][k], b[key][k]) for key in ("model", "ema") for k in a[key])
+    assert sorted(p.name for p in again.glob("checkpoint_*.pt")) == ["checkpoint_0000006.pt"]  # kept on resume
 
 
 def test_non_finite_loss_stops_before_overwriting_the_checkpoint(tmp_path):
