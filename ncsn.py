@@ -416,9 +416,13 @@ class Attention(nn.Module):
         self.out = _zero(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x):
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three heads d) h w -> three b heads (h w) d",
-                            three=3, heads=self.heads)  # each (B, heads, H*W, C/heads)
-        h = F.scaled_dot_product_attention(q, k, v)  # fused (flash / memory-efficient) kernels on GPUs
+        # q, k, v with each head's channels contiguous (stride 1), which the fused kernels of
+        # scaled_dot_product_attention require: free in channels_last (the layout training uses on GPUs), one copy of
+        # the qkv map in the default layout (its channels are H*W apart there, and SDPA would fall back to its math
+        # kernel).
+        qkv = rearrange(self.qkv(self.norm(x)), "b c h w -> b (h w) c")  # (B, H*W, 3C), channels last
+        q, k, v = rearrange(qkv.contiguous(), "b n (three heads d) -> three b heads n d", three=3, heads=self.heads)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads): flash / memory-efficient kernels
         return x + self.out(rearrange(h, "b heads (h w) d -> b (heads d) h w", h=x.shape[2]))
 
 

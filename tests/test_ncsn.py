@@ -373,6 +373,25 @@ def test_recommended_sigmas_on_the_corners_of_a_cube():
     assert ncsn.recommended_sigmas(corners, max_points=10, generator=torch.Generator().manual_seed(0))[0] <= sigmas[0]
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_attention_runs_on_a_fused_kernel_in_either_layout_and_agrees_with_the_math_kernel(layout):
+    """q, k and v reach scaled_dot_product_attention with each head's channels contiguous whatever the memory format,
+    so a fused kernel accepts them (restricted to flash attention, which refuses any other stride), and the output is
+    the math kernel's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    attention = ncsn.Attention(128)  # two heads of 64
+    torch.nn.init.normal_(attention.out.weight, std=0.1)  # the zero-initialised output would hide everything
+    x = torch.randn(2, 128, 8, 8).contiguous(memory_format=layout)
+    with sdpa_kernel([SDPBackend.MATH]):
+        expected = attention(x)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        fused = attention(x)
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
+    assert (fused - x).abs().max() > 0.1  # the attention did something
+
+
 # ---- the sampler (notes §9) ----------------------------------------------------------------------------------
 
 def test_sample_gaussian_oracle_matches_ula_and_tweedie():
