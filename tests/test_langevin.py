@@ -440,7 +440,7 @@ def _geometric(sigma_max, sigma_min, n):
     return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), n, dtype=f64)
 
 
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(problem=conditionings(), denoise=st.booleans())
 def test_inpainting_draws_the_gaussian_conditional(problem, denoise):
     # The free coordinates u given the known k of N(mu, Sigma) are N(mu_u + S_uk S_kk^-1 (known_k - mu_k),

@@ -1,14 +1,19 @@
 """train.py and sample.py end to end, on the CPU: the toy run, the image loaders behind it, the objectives and
 switches, several processes under torchrun, one-line errors for bad input, and train() as a flat story."""
 import ast
+import contextlib
 import gzip
+import importlib
+import io
 import json
 import os
 import pickle
 import re
+import signal
 import struct
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -29,6 +34,24 @@ def run(*args, check=True, timeout=300, script="train.py"):
 
 def sample(*args, check=True):
     return run(*args, check=check, script="sample.py")
+
+
+def run_here(*args, script="train.py"):
+    """The script's main(args) in this process, as run(..., check=False) would report it: for refusals, which need no
+    interpreter start-up of their own. Signal handlers are restored afterwards."""
+    module = importlib.import_module(script[:-len(".py")])
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def metrics(out_dir):
@@ -176,13 +199,14 @@ def test_sample_py_in_a_log_prints_progress_lines_not_a_bar(tmp_path):
 
 
 def test_sample_py_bad_input_gives_one_line_errors(tmp_path):
-    assert_one_line_error(sample("--out-dir", tmp_path / "nothing", "-n", 4, check=False), "no checkpoint")
-    assert_one_line_error(sample("-n", 4, check=False), "--out-dir", "--checkpoint")
-    assert_one_line_error(sample("--out-dir", tmp_path, "-n", 0, check=False), "-n")
-    assert_one_line_error(sample("--out-dir", tmp_path, "--device", "tpu", check=False), "no checkpoint")
+    assert_one_line_error(run_here("--out-dir", tmp_path / "nothing", "-n", 4, script="sample.py"), "no checkpoint")
+    assert_one_line_error(run_here("-n", 4, script="sample.py"), "--out-dir", "--checkpoint")
+    assert_one_line_error(run_here("--out-dir", tmp_path, "-n", 0, script="sample.py"), "-n")
+    assert_one_line_error(run_here("--out-dir", tmp_path, "--device", "tpu", script="sample.py"), "no checkpoint")
     (tmp_path / "checkpoint.pt").write_bytes(b"")
-    assert_one_line_error(sample("--out-dir", tmp_path, "--device", "cpu", check=False), "checkpoint", "corrupt")
-    assert_one_line_error(sample("--out-dir", tmp_path, "--device", "tpu", check=False), "--device")
+    assert_one_line_error(run_here("--out-dir", tmp_path, "--device", "cpu", script="sample.py"), "checkpoint",
+                          "corrupt")
+    assert_one_line_error(run_here("--out-dir", tmp_path, "--device", "tpu", script="sample.py"), "--device")
 
 
 @pytest.mark.parametrize("objective", ["ssm", "exact"])
@@ -237,18 +261,18 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
-    assert_one_line_error(run("--dataset", "imagenet", check=False), "--dataset")
-    assert_one_line_error(run("--steps", "-3", check=False), "--steps")
-    assert_one_line_error(run("--lr", "0", check=False), "--lr")
-    assert_one_line_error(run("--steps", "ten", check=False), "--steps")
-    assert_one_line_error(run("--dataset", "cifar10", "--objective", "exact", "--out-dir", tmp_path / "c", check=False),
+    assert_one_line_error(run_here("--dataset", "imagenet"), "--dataset")
+    assert_one_line_error(run_here("--steps", "-3"), "--steps")
+    assert_one_line_error(run_here("--lr", "0"), "--lr")
+    assert_one_line_error(run_here("--steps", "ten"), "--steps")
+    assert_one_line_error(run_here("--dataset", "cifar10", "--objective", "exact", "--out-dir", tmp_path / "c"),
                           "exact", "D = 3072")
-    assert_one_line_error(run("--dataset", "digits", "--objective", "exact", "--out-dir", tmp_path / "d", check=False),
+    assert_one_line_error(run_here("--dataset", "digits", "--objective", "exact", "--out-dir", tmp_path / "d"),
                           "exact", "D = 64 for digits")
-    assert_one_line_error(run("--sample", 4, check=False), "python sample.py")  # sampling moved there
-    assert_one_line_error(run("--sample", 4, "--sample-batch-size", 2, check=False), "-n 4 --batch-size 2")
-    assert_one_line_error(run("--sample-ev", 4, check=False), "unrecognized arguments")  # no abbreviations
-    assert_one_line_error(run("--dataset", "gmm", "--sigma-max", "0.001", "--out-dir", tmp_path / "s", check=False),
+    assert_one_line_error(run_here("--sample", 4), "python sample.py")  # sampling moved there
+    assert_one_line_error(run_here("--sample", 4, "--sample-batch-size", 2), "-n 4 --batch-size 2")
+    assert_one_line_error(run_here("--sample-ev", 4), "unrecognized arguments")  # no abbreviations
+    assert_one_line_error(run_here("--dataset", "gmm", "--sigma-max", "0.001", "--out-dir", tmp_path / "s"),
                           "sigma")
 
 
@@ -360,7 +384,7 @@ def test_a_folder_of_pictures_trains_resumes_and_its_held_out_slice_is_inpainted
     assert not config["flip"] and (pictures / data.FOLDER_CACHE).is_dir()
     result = run("--out-dir", out, "--steps", 3, "--device", "cpu")  # the folder and its settings from the checkpoint
     assert "resuming from" in result.stdout and "loaded 24 images" in result.stderr + result.stdout
-    assert_one_line_error(run("--out-dir", out, "--steps", 4, "--image-size", 8, "--device", "cpu", check=False),
+    assert_one_line_error(run_here("--out-dir", out, "--steps", 4, "--image-size", 8, "--device", "cpu"),
                           "--image-size", "another --out-dir")
     sample("--out-dir", out, "--inpaint", "right-half", "-n", 4, "--completions", 1, "--device", "cpu")
     originals = np.load(out / "inpainting.npz")["originals"]
@@ -371,10 +395,10 @@ def test_a_folder_of_pictures_trains_resumes_and_its_held_out_slice_is_inpainted
     result = run("--out-dir", out, "--steps", 4, "--data-dir", moved, "--device", "cpu")
     assert f"read from {moved} now" in result.stdout
     (moved / "b" / "extra.png").write_bytes((moved / "a" / "p1.png").read_bytes())
-    assert_one_line_error(run("--out-dir", out, "--steps", 5, "--data-dir", moved, "--device", "cpu", check=False),
+    assert_one_line_error(run_here("--out-dir", out, "--steps", 5, "--data-dir", moved, "--device", "cpu"),
                           "added to or removed from", "held-out")
-    assert_one_line_error(sample("--out-dir", out, "--inpaint", "center", "--data-dir", moved, "--device", "cpu",
-                                 check=False), "held-out")
+    assert_one_line_error(run_here("--out-dir", out, "--inpaint", "center", "--data-dir", moved, "--device", "cpu",
+                                   script="sample.py"), "held-out")
 
 
 def test_a_checkpoint_without_the_newer_settings_resumes_with_their_old_values(tmp_path):
