@@ -36,6 +36,13 @@ def sample(*args, check=True):
     return run(*args, check=check, script="sample.py")
 
 
+def run_here_ok(*args, script="train.py"):
+    """run_here, which must succeed."""
+    result = run_here(*args, script=script)
+    assert result.returncode == 0, f"{script} {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
 def run_here(*args, script="train.py"):
     """The script's main(args) in this process, as run(..., check=False) would report it: for refusals, which need no
     interpreter start-up of their own. Signal handlers are restored afterwards."""
@@ -297,7 +304,7 @@ def test_warmup_and_grad_clip_are_kept_by_the_checkpoint_and_resume_exactly(tmp_
     settings = ["--dataset", "gmm", "--sample-every", 0, "--warmup", 10, "--grad-clip", "0.5", "--lr", "1e-3", *FAST]
     run("--out-dir", whole, "--steps", 20, *settings, "--log-every", 1)  # the last --log-every counts
     run("--out-dir", halves, "--steps", 5, *settings)  # stopped in the middle of the warm-up
-    run("--out-dir", halves, "--steps", 20, "--device", "cpu")  # the rest from the checkpoint
+    run_here_ok("--out-dir", halves, "--steps", 20, "--device", "cpu")  # the rest from the checkpoint, in-process
     lrs = [r["lr"] for r in metrics(whole) if "lr" in r]  # step k (1-based) ran at 1e-3 min(1, k / 10)
     assert lrs == pytest.approx([1e-4 * k for k in range(1, 11)] + [1e-3] * 10)
     a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (whole, halves))
@@ -382,7 +389,7 @@ def test_a_folder_of_pictures_trains_resumes_and_its_held_out_slice_is_inpainted
     assert len(training) == 20 and config["sigmas"][0] == pytest.approx(sigma_1, rel=1e-5)
     assert config["shape"] == [3, 16, 16] and config["architecture"]["channel_mults"] == [1, 2, 2]
     assert not config["flip"] and (pictures / data.FOLDER_CACHE).is_dir()
-    result = run("--out-dir", out, "--steps", 3, "--device", "cpu")  # the folder and its settings from the checkpoint
+    result = run_here_ok("--out-dir", out, "--steps", 3, "--device", "cpu")  # the folder's settings from the checkpoint
     assert "resuming from" in result.stdout and "loaded 24 images" in result.stderr + result.stdout
     assert_one_line_error(run_here("--out-dir", out, "--steps", 4, "--image-size", 8, "--device", "cpu"),
                           "--image-size", "another --out-dir")
@@ -392,7 +399,7 @@ def test_a_folder_of_pictures_trains_resumes_and_its_held_out_slice_is_inpainted
     assert sorted(o.tobytes() for o in originals) == sorted(h.tobytes() for h in held_out)
     moved = tmp_path / "moved"
     pictures.rename(moved)  # a folder that moved is found with --data-dir; one whose files changed is refused
-    result = run("--out-dir", out, "--steps", 4, "--data-dir", moved, "--device", "cpu")
+    result = run_here_ok("--out-dir", out, "--steps", 4, "--data-dir", moved, "--device", "cpu")
     assert f"read from {moved} now" in result.stdout
     (moved / "b" / "extra.png").write_bytes((moved / "a" / "p1.png").read_bytes())
     assert_one_line_error(run_here("--out-dir", out, "--steps", 5, "--data-dir", moved, "--device", "cpu"),
@@ -409,7 +416,7 @@ def test_a_checkpoint_without_the_newer_settings_resumes_with_their_old_values(t
     for key in ("grad_clip", "warmup", "adam_eps", "flip", "data", "keep_every"):
         del ckpt["config"][key]
     torch.save(ckpt, out / "checkpoint.pt")
-    assert "resuming from" in run("--out-dir", out, "--steps", 5, "--device", "cpu").stdout
+    assert "resuming from" in run_here_ok("--out-dir", out, "--steps", 5, "--device", "cpu").stdout
     config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
     assert (config["grad_clip"], config["warmup"], config["adam_eps"], config["flip"], config["keep_every"]) == (
         0.0, 0, 1e-8, False, 0)
@@ -471,7 +478,7 @@ def test_keep_every_keeps_snapshots_that_resume_to_the_same_run(tmp_path):
     assert [torch.load(out / f"checkpoint_{s:07d}.pt", weights_only=True)["step"] for s in (2, 4, 6)] == [2, 4, 6]
     again.mkdir()
     shutil.copy(out / "checkpoint_0000004.pt", again / "checkpoint.pt")
-    run("--out-dir", again, "--steps", 6, "--device", "cpu")
+    run_here_ok("--out-dir", again, "--steps", 6, "--device", "cpu")
     a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (out, again))
     assert all(torch.equal(a[key][k], b[key][k]) for key in ("model", "ema") for k in a[key])
     assert sorted(p.name for p in again.glob("checkpoint_*.pt")) == ["checkpoint_0000006.pt"]  # kept on resume
