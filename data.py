@@ -287,10 +287,11 @@ def image_files(path):
     return sorted(found)
 
 
-def folder_fingerprint(path):
-    """A short hash of the image files' relative names under path: a run keeps it, so that it notices a folder whose
-    files were added or removed (which would move images between its training set and its held-out slice)."""
-    return hashlib.sha256("\n".join(image_files(path)).encode()).hexdigest()[:16]
+def folder_fingerprint(files):
+    """A short hash of a folder's image files (image_files: their relative names): a run keeps it, so that it notices
+    a folder whose files were added or removed (which would move images between its training set and its held-out
+    slice)."""
+    return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
 
 def _is_grey(image):

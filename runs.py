@@ -229,7 +229,8 @@ def heldout_images(config, data_dir):
             raise RunError(f"the run on {folder['path']} held out no images (--held-out 0, or a folder of fewer "
                            "than 10); nothing to use")
         try:
-            if os.path.isdir(path) and folder.get("files") not in (None, data.folder_fingerprint(path)):
+            if os.path.isdir(path) and folder.get("files") not in (
+                    None, data.folder_fingerprint(data.image_files(path))):
                 raise data.DataError(f"files were added to or removed from {path} since the run, so its held-out "
                                      "images are not known any more")
             return data.load_folder(path, folder["image_size"], folder["crop"], folder["grayscale"],

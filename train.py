@@ -131,9 +131,9 @@ def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--dataset", choices=list(PRESETS),
                    help="what to train on (default: gmm; on resume, the checkpoint's)")
-    p.add_argument("--data-dir", help="where data sets are found or downloaded to (default: ./data): for celeba, church "
-                                      "and ffhq the folder that holds img_align_celeba/, church_outdoor_train/ or "
-                                      "ffhq/; for --dataset folder (where it is required) the folder of images "
+    p.add_argument("--data-dir", help="where data sets are found or downloaded to (default: ./data): for celeba, "
+                                      "church and ffhq the folder that holds img_align_celeba/, church_outdoor_train/ "
+                                      "or ffhq/; for --dataset folder (where it is required) the folder of images "
                                       "itself; on resume, where the run's images are now if they moved")
     p.add_argument("--out-dir", default=None, help="checkpoint, samples and metrics (default: runs/<dataset>)")
     p.add_argument("--seed", type=int, help="seed of data, noise, dropout and initialisation (default: 0)")
@@ -424,7 +424,8 @@ def read_images(dataset, data_dir, folder, download, progress):
         path = folder["path"]
         if not os.path.isdir(path):
             raise data.DataError(f"{path} is not a folder: the images of --dataset {dataset} go there (--data-dir)")
-        files, fingerprint = data.image_files(path), data.folder_fingerprint(path)
+        files = data.image_files(path)  # walked once here: the fingerprint and the default held-out count
+        fingerprint = data.folder_fingerprint(files)
         if folder.get("files") not in (None, fingerprint):
             raise data.DataError(f"files were added to or removed from {path} since the run began, which would move "
                                  "held-out images into training; restore the folder, or use another --out-dir")

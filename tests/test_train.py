@@ -383,7 +383,7 @@ def test_a_folder_of_pictures_trains_resumes_and_its_held_out_slice_is_inpainted
     assert f"folder from {pictures} (16x16, 4 held out)" in result.stdout and "GFLOPs per image" in result.stdout
     config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
     assert config["data"] == dict(path=str(pictures), image_size=16, crop=None, grayscale=None, held_out=4,
-                                  files=data.folder_fingerprint(pictures))
+                                  files=data.folder_fingerprint(data.image_files(pictures)))
     training = data.load_folder(pictures, 16, held_out=4, progress=False)  # 20: the held-out 4 never train
     sigma_1 = ncsn.max_pairwise_distance(training.float() / 255)
     assert len(training) == 20 and config["sigmas"][0] == pytest.approx(sigma_1, rel=1e-5)
