@@ -258,20 +258,23 @@ def load_mnist(data_dir, train=True, download=True, progress=True, mirrors=MNIST
     return torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, 28, 28); copy: frombuffer is read-only
 
 
-def load_digits(train=True):
-    """scikit-learn's 8x8 digits [Alpaydin & Kaynak 1998] as uint8 (N, 1, 8, 8): the 1500 training or 297 held-out."""
+def load_digits(train=True, labels=False):
+    """scikit-learn's 8x8 digits [Alpaydin & Kaynak 1998] as uint8 (N, 1, 8, 8): the 1500 training or 297 held-out;
+    with labels=True, (images, their classes 0..9 as int64 (N,))."""
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as error:
         raise DataError(f"the 8x8 digits come with scikit-learn, which is not installed ({_one_line(error)}); "
                         "pip install scikit-learn") from None
-    counts = sklearn_digits().images.astype(np.int64)  # (1797, 8, 8), ink counts 0..16 as float64
+    digits = sklearn_digits()
+    counts = digits.images.astype(np.int64)  # (1797, 8, 8), ink counts 0..16 as float64
     images = ((counts * 255 + 8) // 16).astype(np.uint8)  # round(v * 255 / 16) in integers: 8 -> 127.5 -> 128
     # A fixed permutation: RandomState, whose stream numpy keeps across versions (NEP 19), where default_rng's
     # permutation may change; the held-out digits are the same on every machine and numpy.
     order = np.random.RandomState(DIGITS_SEED).permutation(len(images))  # (1797,)
     chosen = order[DIGITS_HELD_OUT:] if train else order[:DIGITS_HELD_OUT]
-    return torch.from_numpy(images[chosen]).unsqueeze(1)  # (N, 1, 8, 8); fancy indexing copies: writable
+    images = torch.from_numpy(images[chosen]).unsqueeze(1)  # (N, 1, 8, 8); fancy indexing copies: writable
+    return (images, torch.from_numpy(digits.target[chosen].astype(np.int64))) if labels else images
 
 
 # ---- A folder of your own images ---------------------------------------------------------------------------------

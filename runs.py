@@ -211,38 +211,46 @@ def is_image_run(config):
     return len(config["shape"]) == 3  # (C, H, W); the 2-D sets have shape (2,)
 
 
-HELDOUT = {  # the held-out images of each image set (a folder's: heldout_images)
-    "cifar10": lambda data_dir: data.load_cifar10(data_dir or "./data", train=False),
-    "mnist": lambda data_dir: data.load_mnist(data_dir or "./data", train=False),
-    "digits": lambda data_dir: data.load_digits(train=False),
+SPLITS = {  # the training and held-out images of each image set, by train=True / False (a folder's: run_images)
+    "cifar10": lambda data_dir, train: data.load_cifar10(data_dir or "./data", train=train),
+    "mnist": lambda data_dir, train: data.load_mnist(data_dir or "./data", train=train),
+    "digits": lambda data_dir, train: data.load_digits(train=train),
 }
 
 
-def heldout_images(config, data_dir):
-    """All held-out images of a run's data set, uint8 (N, C, H, W): its test split, or for a run on a folder the slice
-    that train.py set aside (the folder and its settings are in the checkpoint's config). What the held-out loss is
-    measured on, and what sample.py --inpaint and --data-init take."""
+def run_images(config, data_dir, train=False):
+    """All training (train=True) or held-out images of a run's data set, uint8 (N, C, H, W): its training or test
+    split, or for a run on a folder the folder less, or only, the slice that train.py set aside (the folder and its
+    settings are in the checkpoint's config). The held-out images are what the held-out loss is measured on, and what
+    sample.py --inpaint and --data-init take; the training images are FID's reference."""
+    which = "training" if train else "held-out"
     folder = config.get("data")
     if folder:
         path = os.path.abspath(data_dir) if data_dir else folder["path"]
-        if not folder["held_out"]:
+        if not folder["held_out"] and not train:
             raise RunError(f"the run on {folder['path']} held out no images (--held-out 0, or a folder of fewer "
                            "than 10); nothing to use")
         try:
             if os.path.isdir(path) and folder.get("files") not in (
                     None, data.folder_fingerprint(data.image_files(path))):
-                raise data.DataError(f"files were added to or removed from {path} since the run, so its held-out "
+                raise data.DataError(f"files were added to or removed from {path} since the run, so its {which} "
                                      "images are not known any more")
             return data.load_folder(path, folder["image_size"], folder["crop"], folder["grayscale"],
-                                    held_out=folder["held_out"], train=False, progress=False)
+                                    held_out=folder["held_out"], train=train, progress=False)
         except data.DataError as e:
-            raise RunError(f"{e} (the run's folder, whose held-out slice is used; --data-dir if it moved)") from None
-    if config["dataset"] not in HELDOUT:
-        raise RunError(f"no held-out images of {config['dataset']} are known")
+            raise RunError(f"{e} (the run's folder, whose {which} images are used; --data-dir if it moved)") \
+                from None
+    if config["dataset"] not in SPLITS:
+        raise RunError(f"no {which} images of {config['dataset']} are known")
     try:
-        return HELDOUT[config["dataset"]](data_dir)
+        return SPLITS[config["dataset"]](data_dir, train)
     except data.DataError as e:
-        raise RunError(f"{e} (the held-out images; --data-dir points at them)") from None
+        raise RunError(f"{e} (the {which} images; --data-dir points at them)") from None
+
+
+def heldout_images(config, data_dir):
+    """run_images(config, data_dir, train=False): the held-out images."""
+    return run_images(config, data_dir, train=False)
 
 
 def draw_samples(model, config, n, generator, progress=False, batch_size=None, callback=None, init=None):
@@ -292,10 +300,9 @@ def _pyplot():
     return plt
 
 
-def save_grid(images, path):
-    """(N, C, H, W) in [0, 1] -> one PNG, a square-ish grid with 2-pixel gaps; images smaller than 32x32 are
-    magnified by a whole factor (each pixel a square), so that 8x8 digits are not a thumbnail."""
-    plt = _pyplot()
+def _tile(images):
+    """(N, C, H, W) in [0, 1] -> (rows H', cols W', C) numpy, a square-ish grid with 2-pixel gaps; images smaller
+    than 32x32 magnified by a whole factor (each pixel a square), so that 8x8 digits are not a thumbnail."""
     zoom = max(1, 32 // images.shape[-1])
     images = images.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1)  # (N, C, zoom H, zoom W)
     n = images.shape[0]
@@ -304,9 +311,65 @@ def save_grid(images, path):
     padded = torch.ones(rows * cols, *images.shape[1:])
     padded[:n] = images.float().cpu()
     padded = torch.nn.functional.pad(padded, (1, 1, 1, 1), value=1.0)
-    grid = rearrange(padded, "(r c) ch h w -> (r h) (c w) ch", r=rows).clamp(0, 1).numpy()
+    return rearrange(padded, "(r c) ch h w -> (r h) (c w) ch", r=rows).clamp(0, 1).numpy()
+
+
+def save_grid(images, path):
+    """(N, C, H, W) in [0, 1] -> one PNG, the images as a grid (_tile)."""
+    plt = _pyplot()
+    grid = _tile(images)
     save_atomic(lambda f: plt.imsave(f, grid.squeeze(-1) if grid.shape[-1] == 1 else grid, format="png",
                                      cmap="gray"), path)
+
+
+def save_panels(sets, titles, path):
+    """A list of image sets (N_i, C, H, W) in [0, 1] -> one PNG of grids side by side, each under its title."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(sets), figsize=(3.2 * len(sets), 3.6), squeeze=False)
+    for ax, images, title in zip(axes[0], sets, titles):
+        grid = _tile(images)
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    fig.tight_layout(pad=0.3)
+    save_atomic(lambda f: fig.savefig(f, format="png", dpi=100), path)
+    plt.close(fig)
+
+
+def save_loss_curve(out_dir):
+    """loss.png from <out_dir>/metrics.jsonl: the training loss and, where logged, the held-out loss against the step
+    (log scale: the loss falls by orders of magnitude early). Returns the path, or None while nothing is logged."""
+    points = {"loss": [], "heldout_loss": []}
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a crash
+                for key, values in points.items():
+                    if isinstance(record.get(key), (int, float)):
+                        values.append((record["step"], record[key]))
+    except FileNotFoundError:
+        return None
+    if not points["loss"]:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for (key, values), label in zip(points.items(), ("training batches", "held-out (EMA model, fixed noise)")):
+        if values:
+            ax.plot(*zip(*values), label=label, marker="." if len(values) < 30 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("NCSN loss (sigma^2-weighted DSM)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "loss.png")
+    save_atomic(lambda f: fig.savefig(f, format="png", dpi=100), path)
+    plt.close(fig)
+    return path
 
 
 def save_rows(images, path, titles):

@@ -7,6 +7,9 @@ EMA weights of a checkpoint with its annealed Langevin sampler.
     python sample.py --out-dir runs/digits --inpaint right-half    # complete held-out images: inpainting.png/.npz
     python sample.py --out-dir runs/digits --interpolate 10        # rows of chains between two noise streams
     python sample.py --out-dir runs/digits --data-init -n 64       # chains from held-out images + sigma_1 noise
+    python sample.py --out-dir runs/cifar10 -n 50000 --fid         # + FID, KID, IS against the training images
+    python sample.py --out-dir runs/digits -n 297 --fid --baselines   # + held-out and Gaussian rows, copy check
+    python sample.py --out-dir runs/cifar10 -n 1000 --fid --every-checkpoint   # score each snapshot, name the best
 
 The network, the noise levels, the number of steps per level, the step size and the data range all come from the
 checkpoint's config, as train.py wrote it; the weights are the exponential moving average (NCSNv2 technique 5).
@@ -18,12 +21,18 @@ split: CIFAR-10's test batch, MNIST's t10k, the digits' held-out slice), so the 
 hides the right half (the papers' figure), a centre square, or a random fraction of the pixels. Interpolation
 [Song & Ermon 2020] runs langevin.annealed_langevin_interpolation: each row shares its start, and its noise turns
 from one stream to another, cos(a) z_p + sin(a) z_q, a from 0 to pi/2 along the row.
+
+--fid scores the samples with quality.py (torch-fidelity): FID, KID and, for colour images, the Inception Score,
+against the run's training images, whose features are cached beside the data. The 8x8 digits are scored in the
+features of a small digit classifier trained in the same command. Each score is appended to metrics.jsonl.
 """
 import argparse
 import math
 import os
+import re
 import signal
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -90,6 +99,25 @@ def parse_args(argv=None):
                    help="K chains per row that share their start and mix two noise streams; writes "
                         "interpolation.png (a row per start) and interpolation.npz (rows run whole: at least K "
                         "chains at once, whatever --batch-size)")
+    q = p.add_argument_group("sample quality (plain samples, image runs)")
+    q.add_argument("--fid", action="store_true",
+                   help="score the samples against the run's training images with torch-fidelity: FID, KID and, for "
+                        "colour images, the Inception Score, in Inception's features (for the 8x8 digits, a digit "
+                        "classifier's, trained in the same command); prints a line and appends it to metrics.jsonl. "
+                        "The papers' protocol is -n 50000 against CIFAR-10's 50,000 training images: FID at another "
+                        "-n compares only with FID at that -n")
+    q.add_argument("--fid-weights", metavar="PATH",
+                   help="a local copy of torch-fidelity's Inception weights (weights-inception-2015-12-05-"
+                        "6726825d.pth), for machines without internet (default: downloaded into torch.hub's cache "
+                        "on first use)")
+    q.add_argument("--baselines", action="store_true",
+                   help="with --fid, also score as many held-out images (the floor) and samples of the Gaussian "
+                        "fitted to the training images (the baseline to beat), check that the samples are not "
+                        "copies of training images, and draw the three side by side in quality.png")
+    q.add_argument("--every-checkpoint", action="store_true",
+                   help="with --fid, score every snapshot checkpoint_NNNNNNN.pt of the run (train.py --keep-every) "
+                        "and its checkpoint.pt, each with -n samples from the same seed, and name the best "
+                        "(NCSNv2 chooses its checkpoint so); writes no samples")
     g.add_argument("--data-dir",
                    help="where the held-out images are found for --inpaint and --data-init, downloaded there if "
                         "missing as train.py does (default: ./data; the digits need none; for a run on a folder of "
@@ -106,6 +134,12 @@ def parse_args(argv=None):
         p.error(f"--interpolate must be >= 2 (chains per row, from a = 0 to a = pi/2), got {args.interpolate}")
     if args.step_size is not None and not 0 < args.step_size < float("inf"):
         p.error(f"--step-size must be > 0 and finite, got {args.step_size}")
+    if not args.fid and (args.fid_weights or args.baselines or args.every_checkpoint):
+        p.error("--fid-weights, --baselines and --every-checkpoint go with --fid")
+    if args.fid and (args.inpaint is not None or args.interpolate is not None):
+        p.error("--fid scores plain samples; it does not go with --inpaint or --interpolate")
+    if args.baselines and args.every_checkpoint:
+        p.error("--baselines and --every-checkpoint are separate runs; give one")
     if args.completions is not None and args.inpaint is None:
         p.error("--completions goes with --inpaint")
     args.completions = args.completions or 4
@@ -115,8 +149,8 @@ def parse_args(argv=None):
 
 
 def load_run(args):
-    """(model, config, checkpoint path, out-dir, device): the EMA network in eval mode and the sampler's settings,
-    with --n-steps-each and --step-size applied (and announced)."""
+    """(checkpoint path, out-dir, device), the out-dir made and checked writable before any sampling (a folder that
+    cannot take the outputs must not cost the chains)."""
     ckpt_path = args.checkpoint or os.path.join(args.out_dir, "checkpoint.pt")
     out_dir = args.out_dir or os.path.dirname(ckpt_path) or "."
     if not os.path.isfile(ckpt_path):
@@ -124,18 +158,23 @@ def load_run(args):
                        "--out-dir or --checkpoint at one")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise RunError("sample.py runs in one process; start it with python, not torchrun")
-    try:  # before any sampling: a folder that cannot take the outputs must not cost the chains
+    try:
         os.makedirs(out_dir, exist_ok=True)
         if not os.access(out_dir, os.W_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as e:
         raise RunError(f"--out-dir {out_dir} cannot hold the outputs ({e.strerror}); point --out-dir elsewhere") \
             from None
-    device = runs.pick_device(args.device)
+    return ckpt_path, out_dir, runs.pick_device(args.device)
+
+
+def load_model(args, ckpt_path, device):
+    """(model, config, step): the checkpoint's EMA network in eval mode and the sampler's settings, with
+    --n-steps-each and --step-size applied (and announced)."""
     ckpt = runs.load_checkpoint(ckpt_path, device)
-    if (args.inpaint is not None or args.interpolate is not None or args.data_init) and not runs.is_image_run(
-            ckpt["config"]):
-        raise RunError(f"--inpaint, --interpolate and --data-init need a run on images; {ckpt_path} is of "
+    if (args.inpaint is not None or args.interpolate is not None or args.data_init or args.fid) and not \
+            runs.is_image_run(ckpt["config"]):
+        raise RunError(f"--inpaint, --interpolate, --data-init and --fid need a run on images; {ckpt_path} is of "
                        f"{ckpt['config']['dataset']}, 2-D points")
     model = runs.build_model(ckpt["config"]).to(device)
     model.load_state_dict(ckpt["ema"])  # the EMA's state dict is the averaged network's own
@@ -146,7 +185,7 @@ def load_run(args):
     print(f"{ckpt_path} (step {ckpt['step']}): {len(config['sigmas'])} levels x {config['n_steps_each']} steps of "
           f"{config['step_size']:.3g} + denoise" + "".join(f"; {k} {ckpt['config'][k]} -> {v}"
                                                           for k, v in changes.items()))
-    return model, config, ckpt_path, out_dir, device
+    return model, config, ckpt["step"]
 
 
 def check_finite(samples, what):
@@ -180,7 +219,7 @@ def heldout(config, data_dir, n, generator):
 # ---- plain samples ---------------------------------------------------------------------------------------------
 
 def draw(args, model, config, out_dir, device):
-    """Draw the samples and write samples.npz and samples.png; returns the path of samples.npz."""
+    """Draw the samples and write samples.npz and samples.png; returns the samples (N, *shape), in the data range."""
     init = None
     if args.data_init:  # which held-out images: drawn on the CPU, as --inpaint draws them
         init = heldout(config, args.data_dir, args.n_samples, torch.Generator().manual_seed(args.seed))
@@ -206,7 +245,7 @@ def draw(args, model, config, out_dir, device):
     path = os.path.join(out_dir, "samples.npz")
     save_npz(path, arr_0=array)
     print(f"wrote {path} ({array.dtype} {tuple(array.shape)}) and {figure}")
-    return path
+    return samples
 
 
 # ---- inpainting ------------------------------------------------------------------------------------------------
@@ -300,6 +339,143 @@ def interpolate(args, model, config, out_dir, device):
     return path
 
 
+# ---- sample quality --------------------------------------------------------------------------------------------
+
+def import_quality():
+    """quality.py, which needs torch-fidelity (imported only for --fid)."""
+    try:
+        import quality
+    except ImportError as e:  # torch-fidelity itself, or a torchvision that does not match this torch
+        raise RunError(f"--fid needs torch-fidelity, which does not import here ({' '.join(str(e).split())}); "
+                       "pip install torch-fidelity, with a torchvision built for this torch") from None
+    return quality
+
+
+def fid_setup(args, config, device, scratch):
+    """What --fid scores against, prepared once: the training images, the feature space and its weights, where the
+    reference's features are cached, and for the digits the classifier (trained here, its weights in `scratch`)."""
+    quality = import_quality()
+    try:  # the weights first: a missing file or download is found before the training images are read
+        weights = None if config["dataset"] == "digits" else quality.inception_weights(args.fid_weights)
+    except quality.QualityError as e:
+        raise RunError(str(e)) from None
+    reference = runs.run_images(config, args.data_dir, train=True)
+    setup = dict(quality=quality, reference=reference, classifier=None, cache_dir=None, cache_name=None)
+    if config["dataset"] == "digits":  # Inception sees an 8x8 digit as a blur: a digit classifier's features instead
+        print("training the digit classifier whose features score the digits")
+        images, labels = data.load_digits(train=True, labels=True)
+        classifier = quality.train_digit_classifier(images, labels, seed=args.seed)
+        held_out, held_out_labels = data.load_digits(train=False, labels=True)
+        accuracy = (quality.classify(classifier, held_out) == held_out_labels).float().mean().item()
+        weights = os.path.join(scratch, "digit_classifier.pt")
+        torch.save(classifier.state_dict(), weights)
+        return dict(setup, classifier=classifier, features=quality.DIGITS, weights=weights,
+                    space=f"a digit classifier's features ({accuracy:.1%} right on the held-out digits)")
+    setup.update(features=quality.INCEPTION, weights=weights, space="Inception features")
+    folder = config.get("data")
+    cache_dir = os.path.join(os.path.abspath(args.data_dir) if args.data_dir else folder["path"], data.FOLDER_CACHE) \
+        if folder else os.path.join(args.data_dir or "./data", data.FOLDER_CACHE)
+    try:  # beside the data; a folder that cannot be written gets no cache
+        os.makedirs(cache_dir, exist_ok=True)
+        writable = os.access(cache_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        print(f"note: {cache_dir} cannot be written; the training images' features are not cached", file=sys.stderr)
+        return setup
+    name = (f"folder-{folder['files']}-{folder['image_size']}-{folder['crop']}-{folder['grayscale']}-"
+            f"{folder['held_out']}" if folder else f"{config['dataset']}-train")
+    return dict(setup, cache_dir=cache_dir, cache_name=f"{name}-{quality.weights_tag(weights)}")
+
+
+def score(setup, images, device, progress=True):
+    """quality.fidelity of uint8 images (N, C, H, W) against the setup's training images."""
+    quality = setup["quality"]
+    try:
+        return quality.fidelity(images, setup["reference"], setup["features"], setup["weights"], device,
+                                reference_name=setup["cache_name"], cache_dir=setup["cache_dir"], progress=progress)
+    except quality.QualityError as e:
+        raise RunError(str(e)) from None
+
+
+def as_uint8_chw(images):
+    """(N, C, H, W) in [0, 1] -> uint8 (N, C, H, W) on the CPU, x * 255 rounded (as samples.npz holds them)."""
+    return (images * 255).round().to(torch.uint8).cpu()
+
+
+def record_fid(setup, result, n, step, ckpt_path, out_dir):
+    """Print the score as one line and append it to <out_dir>/metrics.jsonl."""
+    quality = setup["quality"]
+    print(f"{quality.format_fidelity(result)}: {n} samples at step {step} against the {len(setup['reference'])} "
+          f"training images, in {setup['space']}")
+    runs.append_metrics(out_dir, dict(step=step, n=n, **result, features=setup["features"],
+                                      reference=len(setup["reference"]), checkpoint=os.path.abspath(ckpt_path)))
+
+
+def baselines(args, setup, samples, result, config, out_dir, device):
+    """--baselines: the samples beside as many held-out images and Gaussian draws, in one table and quality.png."""
+    quality = setup["quality"]
+    generator = torch.Generator().manual_seed(args.seed)
+    held_out = runs.run_images(config, args.data_dir, train=False)
+    held_out = held_out[torch.randperm(len(held_out), generator=generator)[:len(samples)]]
+    gaussian = quality.gaussian_fit_samples(setup["reference"], len(samples), generator)
+    sets = {"samples": (samples, result), "held-out images": (held_out, None), "Gaussian fit": (gaussian, None)}
+    distances = {name: quality.nearest_distances(images, setup["reference"], device=device)
+                 for name, (images, _) in sets.items()}
+    closest_held_out = distances["held-out images"].min()  # no held-out image is nearer to a training image
+    print(f"\n{'set':<16} {'n':>6} {'FID':>8} {'KID':>8}   nearest training image: median, nearer than any "
+          "held-out image" + ("   classes 0-9 (%)" if setup["classifier"] is not None else ""))
+    titles = []
+    for name, (images, result) in sets.items():
+        result = result or score(setup, images, device, progress=False)
+        d = distances[name]
+        line = (f"{name:<16} {len(images):>6} {result['fid']:>8.3f} {result['kid']:>8.4f}   {d.median():.3f}, "
+                f"{(d < closest_held_out).float().mean():.1%}")
+        if setup["classifier"] is not None:
+            shares = torch.bincount(quality.classify(setup["classifier"], images), minlength=10) / len(images)
+            line += "   " + " ".join(f"{100 * v:.0f}" for v in shares.tolist())
+        print(line)
+        titles.append(f"{name}: FID {result['fid']:.2f}")
+    figure = os.path.join(out_dir, "quality.png")
+    runs.save_panels([images[:64].float() / 255 for images, _ in sets.values()], titles, figure)
+    print(f"(distances in pixels scaled to [0, 1]; the held-out images are the floor, the Gaussian the baseline)\n"
+          f"wrote {figure}")
+
+
+def checkpoint_history(ckpt_path):
+    """The snapshots checkpoint_NNNNNNN.pt beside ckpt_path, in step order, then ckpt_path itself."""
+    folder = os.path.dirname(ckpt_path) or "."
+    snapshots = sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                       if re.fullmatch(r"checkpoint_\d+\.pt", name))
+    return snapshots + [p for p in [ckpt_path] if os.path.abspath(p) not in map(os.path.abspath, snapshots)]
+
+
+def every_checkpoint(args, ckpt_path, out_dir, device, scratch):
+    """--fid --every-checkpoint: -n samples of each checkpoint of the run from the same seed, scored, and the best
+    named (the lowest FID)."""
+    paths, scores, setup = checkpoint_history(ckpt_path), {}, None
+    print(f"scoring the checkpoints of {os.path.dirname(ckpt_path) or '.'}, {args.n_samples} samples each")
+    for path in paths:
+        model, config, step = load_model(args, path, device)
+        if step in scores:  # checkpoint.pt at the step of the last snapshot
+            print(f"step {step} is scored already ({scores[step][1]})")
+            continue
+        if setup is None:
+            setup, shape = fid_setup(args, config, device, scratch), config["shape"]
+        elif config["shape"] != shape:
+            raise RunError(f"{path} samples images of shape {tuple(config['shape'])}, the others {tuple(shape)}: "
+                           "not one run")
+        generator = torch.Generator(device).manual_seed(args.seed)
+        samples = runs.draw_samples(model, config, args.n_samples, generator, progress=True,
+                                    batch_size=args.batch_size)
+        check_finite(samples, f"samples of {path}")
+        result = score(setup, as_uint8_chw(samples), device)
+        record_fid(setup, result, args.n_samples, step, path, out_dir)
+        scores[step] = (result["fid"], path)
+    step = min(scores, key=lambda s: scores[s][0])
+    print(f"best: {scores[step][1]} (step {step}), FID {scores[step][0]:.3f} at {args.n_samples} samples")
+
+
 def interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
@@ -308,9 +484,21 @@ def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: one line, and no file half written
     try:
-        model, config, _, out_dir, device = load_run(args)
-        task = inpaint if args.inpaint is not None else interpolate if args.interpolate is not None else draw
-        task(args, model, config, out_dir, device)
+        ckpt_path, out_dir, device = load_run(args)
+        with tempfile.TemporaryDirectory() as scratch:
+            if args.every_checkpoint:
+                return every_checkpoint(args, ckpt_path, out_dir, device, scratch)
+            model, config, step = load_model(args, ckpt_path, device)
+            if args.fid:  # before sampling: missing weights or training images must not cost the chains
+                setup = fid_setup(args, config, device, scratch)
+            task = inpaint if args.inpaint is not None else interpolate if args.interpolate is not None else draw
+            samples = task(args, model, config, out_dir, device)
+            if args.fid:
+                samples = as_uint8_chw(samples)
+                result = score(setup, samples, device)
+                record_fid(setup, result, len(samples), step, ckpt_path, out_dir)
+                if args.baselines:
+                    baselines(args, setup, samples, result, config, out_dir, device)
     except RunError as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -328,3 +328,20 @@ def test_errors_print_once_under_torchrun(tmp_path):
 def test_a_missing_device_is_named_as_asked_for():
     with pytest.raises(runs.RunError, match="--device cuda:1 was asked for but no CUDA GPU is visible"):
         runs.pick_device("cuda:1")
+
+
+def test_the_loss_curve_plots_the_logged_losses_and_skips_the_rest(tmp_path, monkeypatch):
+    """loss.png from metrics.jsonl: the training and held-out losses of the lines that have them, in step order;
+    quality lines, a line cut short by a crash and a missing file are no trouble."""
+    assert runs.save_loss_curve(tmp_path) is None  # nothing logged yet
+    lines = [{"step": 10, "loss": 3.0, "heldout_loss": 4.0}, {"step": 15, "fid": 9.0, "n": 64},
+             {"step": 20, "loss": 2.0}, {"step": 30, "loss": 1.5, "heldout_loss": 2.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 40, "lo')
+    plotted = []
+    plt = runs._pyplot()
+    plot = plt.Axes.plot
+    monkeypatch.setattr(plt.Axes, "plot", lambda self, x, y, **k: plotted.append((list(x), list(y))) or plot(
+        self, x, y, **k))
+    assert runs.save_loss_curve(tmp_path) == str(tmp_path / "loss.png")
+    assert plotted == [([10, 20, 30], [3.0, 2.0, 1.5]), ([10, 30], [4.0, 2.5])]
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,13 +1,17 @@
 """sample.py's image tasks end to end on the CPU: inpainting held-out images under each mask and interpolation, from
-a tiny MNIST-shaped run, and their one-line refusals. (Plain sampling is tested with train.py, in test_train.py.)"""
+a tiny MNIST-shaped run, and their one-line refusals; --fid through Inception (random weights), over every checkpoint,
+and the digits' report. (Plain sampling is tested with train.py, in test_train.py.)"""
 import gzip
+import os
 
 import numpy as np
 import pytest
 import torch
 
+import quality
 import sample as sample_py
-from test_train import FAST, run, sample, write_mnist_raw
+from test_quality import LINEAR
+from test_train import FAST, metrics, run, run_here_ok, sample, write_mnist_raw
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +26,8 @@ def image_run(tmp_path_factory):
         path.unlink()
     out = root / "run"
     run("--dataset", "mnist", "--data-dir", data_dir, "--out-dir", out, "--steps", 2, "--batch-size", 4,
-        "--channels", 8, "--n-sigmas", 4, "--n-steps-each", 1, "--sample-every", 0, "--device", "cpu")
+        "--channels", 8, "--n-sigmas", 4, "--n-steps-each", 1, "--sample-every", 0, "--keep-every", 1,
+        "--device", "cpu")
     return data_dir, out
 
 
@@ -134,3 +139,96 @@ def test_image_tasks_refuse_bad_input_in_one_line(image_run, tmp_path, capsys, m
     for task in (("--inpaint", "right-half"), ("--interpolate", 4), ("--data-init",)):
         line = in_process(capsys, monkeypatch, "--out-dir", toy, "--device", "cpu", *task)
         assert "need a run on images" in line and "gmm" in line
+
+
+# ---- --fid -------------------------------------------------------------------------------------------------------
+
+def scored(out_dir):
+    """The lines of metrics.jsonl that sample.py --fid appended."""
+    return [line for line in metrics(out_dir) if "fid" in line]
+
+
+def no_network(*args, **kwargs):
+    raise OSError("no network here")
+
+
+def test_fid_through_inception_with_fid_weights_prints_and_records_a_line(image_run, random_inception, tmp_path,
+                                                                            monkeypatch, capsys):
+    """--fid --fid-weights: samples and training images through Inception (random weights that the test saved; any
+    download fails), one line printed and appended to metrics.jsonl, the training images' features cached beside the
+    data."""
+    data_dir, out = image_run
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    run_images = sample_py.runs.run_images  # 4 training images, not 16: Inception is slow on a CPU
+    monkeypatch.setattr(sample_py.runs, "run_images", lambda *a, **k: run_images(*a, **k)[:4])
+    monkeypatch.setattr(sample_py.signal, "signal", lambda *a: None)  # leave pytest's SIGTERM handler
+    sample_py.main([str(a) for a in ("--checkpoint", out / "checkpoint.pt", "--out-dir", tmp_path, "-n", 2, "--fid",
+                                     "--fid-weights", random_inception, "--data-dir", data_dir, "--device", "cpu")])
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FID ")]
+    assert line.endswith(": 2 samples at step 2 against the 4 training images, in Inception features")
+    (record,) = scored(tmp_path)
+    assert (record["n"], record["step"], record["reference"], record["features"], record["is"]) == (
+        2, 2, 4, "inception-v3-compat", None)  # no Inception Score for grey images
+    assert record["checkpoint"] == str((out / "checkpoint.pt").resolve())
+    assert np.isfinite(record["fid"]) and np.isfinite(record["kid"]) and f"FID {record['fid']:.2f}," in line
+    (cached,) = (data_dir / ".ncsn-cache").glob("mnist-train-*-inception-v3-compat-features-2048.pt")
+    assert torch.load(cached).shape == (4, 2048)  # the pool features of the 4 training images
+
+
+def test_fid_without_weights_or_network_is_refused_before_sampling(image_run, tmp_path, monkeypatch, capsys):
+    _, out = image_run
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # an empty cache
+    line = in_process(capsys, monkeypatch, "--checkpoint", out / "checkpoint.pt", "--out-dir", tmp_path, "--fid",
+                      "--data-dir", tmp_path / "nothing here", "--device", "cpu")  # the weights are checked first
+    assert "could not be downloaded" in line and "--fid-weights PATH" in line
+    assert not (tmp_path / "samples.npz").exists()
+    assert "go with --fid" in in_process(capsys, monkeypatch, "--out-dir", out, "--baselines")
+    assert "does not go with --inpaint" in in_process(capsys, monkeypatch, "--out-dir", out, "--fid", "--inpaint",
+                                                      "center")
+
+
+def test_every_checkpoint_scores_each_step_once_and_names_the_best(image_run, tmp_path, monkeypatch, capsys):
+    """The run kept checkpoint_0000001.pt and checkpoint_0000002.pt (--keep-every 1); checkpoint.pt is step 2 again.
+    Scored in the test's linear features, as Inception's would be."""
+    data_dir, out = image_run
+    monkeypatch.setattr(quality, "INCEPTION", LINEAR)
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"")  # a file, as --fid-weights must name; the linear features read nothing
+    drawn = []
+    draw_samples = sample_py.runs.draw_samples
+    monkeypatch.setattr(sample_py.runs, "draw_samples", lambda *a, **k: drawn.append(a[0]) or draw_samples(*a, **k))
+    monkeypatch.setattr(sample_py.signal, "signal", lambda *a: None)  # leave pytest's SIGTERM handler
+    sample_py.main([str(a) for a in ("--out-dir", out, "-n", 3, "--fid", "--every-checkpoint", "--fid-weights",
+                                     weights, "--data-dir", data_dir, "--device", "cpu")])
+    records = scored(out)
+    assert [(r["step"], os.path.basename(r["checkpoint"])) for r in records] == [
+        (1, "checkpoint_0000001.pt"), (2, "checkpoint_0000002.pt")]
+    assert len(drawn) == 2 and drawn[0] is not drawn[1]
+    best = min(records, key=lambda r: r["fid"])
+    assert f"best: {os.path.join(out, os.path.basename(best['checkpoint']))} (step {best['step']})" in \
+        capsys.readouterr().out
+
+
+def test_digits_are_scored_beside_held_out_and_gaussian_digits(tmp_path, monkeypatch, capsys):
+    """--fid --baselines on a digits run: the digit classifier's features; three rows, the held-out floor nearer to no
+    training digit than itself; class shares that add up; quality.png."""
+    out = tmp_path / "digits"
+    run_here_ok("--dataset", "digits", "--out-dir", out, "--steps", 2, "--channels", 8, "--n-sigmas", 4,
+                "--n-steps-each", 1, "--sample-every", 0, "--device", "cpu")
+    train = quality.train_digit_classifier
+    monkeypatch.setattr(quality, "train_digit_classifier", lambda *a, **k: train(*a, **dict(k, steps=100)))
+    monkeypatch.setattr(sample_py.signal, "signal", lambda *a: None)  # leave pytest's SIGTERM handler
+    sample_py.main(["--out-dir", str(out), "-n", "40", "--fid", "--baselines", "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert "in a digit classifier's features (" in text and "right on the held-out digits)" in text
+    rows = {line[:16].strip(): line[16:].split() for line in text.splitlines()
+            if line.startswith(("samples ", "held-out images ", "Gaussian fit "))}  # name: n, FID, KID, ...
+    assert rows.keys() == {"samples", "held-out images", "Gaussian fit"}
+    assert rows["held-out images"][4] == "0.0%"  # by definition: the nearest held-out digit sets the bound
+    for row in rows.values():
+        assert row[0] == "40" and 98 <= sum(map(int, row[-10:])) <= 102  # class shares in whole percent
+    (record,) = scored(out)
+    assert (record["features"], record["reference"], record["n"]) == ("digits-classifier", 1500, 40)
+    assert (out / "quality.png").stat().st_size > 5000
