@@ -158,6 +158,10 @@ def test_bad_inputs():
         ncsn.ncsn_loss(ncsn.MLPScoreNet(2), x, not_descending)
     with pytest.raises(ValueError, match="descending"):
         ncsn.sample(ncsn.MLPScoreNet(2), (4, 2), not_descending, 1, 0.1)
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\), got 'fp16'"):
+        ncsn.sample(ncsn.MLPScoreNet(2), (4, 2), [1.0, 0.5], 1, 0.1, precision="fp16")
+    with pytest.raises(ValueError, match=r"channels_last needs image samples \(N, C, H, W\)"):
+        ncsn.sample(ncsn.MLPScoreNet(2), (4, 2), [1.0, 0.5], 1, 0.1, channels_last=True)
     with pytest.raises(ValueError, match="objective"):
         ncsn.ncsn_loss(ncsn.MLPScoreNet(2), x, torch.tensor([1.0, 0.5]), objective="hyvarinen")
     with pytest.raises(ValueError, match="sigma_max > sigma_min"):
@@ -483,6 +487,102 @@ def test_sample_returns_nan_for_chains_that_diverge_and_stops_when_its_callback_
         ncsn.sample(lambda y, s: calls.append(1) or -y, (2, 2), sigmas, 2, 1e-3, callback=stop_at_5)
     assert len(calls) == 5
 
+
+
+def _probe_net():
+    """A small NCSN with non-zero weights, and what its forward passes saw: the dtype of its input (what the chain
+    hands it) and the dtype and layout of its convolutions' outputs (conv_in's and the residual blocks' first)."""
+    torch.manual_seed(0)
+    model = _reset(ncsn.NCSN(1, channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                             image_size=8))
+    seen = {"input": set(), "conv": set()}
+    layout = lambda t: "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "contiguous"  # noqa
+    model.register_forward_pre_hook(lambda m, args: seen["input"].add(args[0].dtype))
+    for conv in [model.conv_in] + [m.conv1 for m in model.modules() if isinstance(m, ncsn.ResBlock)]:
+        conv.register_forward_hook(lambda m, args, out: seen["conv"].add((out.dtype, layout(out))))
+    return model, seen
+
+
+SMALL_CHAIN = dict(sigmas=ncsn.geometric_sigmas(1.0, 0.1, 3), n_steps_each=2, step_size=1e-2, denoise=False,
+                   data_range=(-5.0, 5.0))
+
+
+def test_sample_in_bf16_runs_the_network_in_bf16_and_stays_within_its_rounding_of_fp32():
+    """precision="bf16": the convolutions compute in bf16 while the chain hands the network fp32 and returns fp32;
+    the caller's model is unchanged. With the same noise the two chains differ only by the network's rounding:
+    x_T = x_0 + sum_t alpha_t/2 s_t + noise, so |x_T^bf16 - x_T^fp32| <= sum_t alpha_t/2 |s_t^bf16 - s_t^fp32| as
+    long as alpha |ds/dx| << 1 (here alpha <= 1, |ds/dx| ~ 0.1); bf16 keeps 8 significant bits, and a score through
+    the network's ~10 roundings of 2^-9 is off by about 2^-8 of its size, so the bound is 4 * 2^-8 times the drift
+    sum_t alpha_t/2 |s_t| of the fp32 chain (measured: about 1 * 2^-8)."""
+    model, seen = _probe_net()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    scores = []  # (B,) norm of the score at every evaluation of the fp32 chain
+    hook = model.register_forward_hook(lambda m, args, out: scores.append(out.flatten(1).norm(dim=1)))
+    x32 = ncsn.sample(model, (4, 1, 8, 8), **SMALL_CHAIN, generator=torch.Generator().manual_seed(1))
+    hook.remove()
+    assert seen["conv"] == {(torch.float32, "contiguous")}  # the default layout: the CPU's default
+    seen["input"].clear(), seen["conv"].clear()
+    xbf = ncsn.sample(model, (4, 1, 8, 8), **SMALL_CHAIN, precision="bf16", generator=torch.Generator().manual_seed(1))
+    assert seen["input"] == {torch.float32} and seen["conv"] == {(torch.bfloat16, "contiguous")}
+    assert xbf.dtype == torch.float32
+    assert all(torch.equal(t, before[name]) and t.dtype == before[name].dtype and t.is_contiguous()
+               for name, t in model.state_dict().items())  # the caller's model: same values, dtype and layout
+    sigmas, eps = SMALL_CHAIN["sigmas"], SMALL_CHAIN["step_size"]
+    alphas = [eps * float(s / sigmas[-1]) ** 2 for s in sigmas for _ in range(SMALL_CHAIN["n_steps_each"])]
+    drift = sum(alpha / 2 * s for alpha, s in zip(alphas, scores))  # (B,)
+    gap = (xbf - x32).flatten(1).norm(dim=1)  # (B,)
+    assert (gap <= 4 * 2 ** -8 * drift).all(), gap / drift
+    assert (gap >= 2 ** -12 * drift).all(), gap / drift  # bf16's rounding is there: fp32's would be ~2^-20
+
+
+def test_sample_in_channels_last_is_the_contiguous_chain_up_to_fp32_rounding():
+    """channels_last changes only the network's memory layout (and so its convolutions' summation order): the chain
+    draws the same noise in the same order, and the samples agree to fp32 rounding; the model is left contiguous."""
+    model, seen = _probe_net()
+    draw = lambda layout: ncsn.sample(model, (4, 1, 8, 8), **SMALL_CHAIN, channels_last=layout,  # noqa: E731
+                                      generator=torch.Generator().manual_seed(1))
+    contiguous = draw(False)
+    assert seen["conv"] == {(torch.float32, "contiguous")}
+    seen["conv"].clear()
+    channels_last = draw(True)
+    assert seen["conv"] == {(torch.float32, "channels_last")}
+    torch.testing.assert_close(channels_last, contiguous, rtol=1e-5, atol=1e-5)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+@pytest.mark.parametrize("precision, channels_last", [("fp32", False), ("bf16", True)])
+def test_sample_through_the_cuda_graph_builder_is_the_plain_chain_bit_for_bit(precision, channels_last, monkeypatch):
+    """cuda_graph=True off CUDA runs the graph path uncaptured: the network reads fixed buffers that every step copies
+    x and sigma into, built anew when the batch shape changes (chunks of 2, 2, 1: two builds). The samples are the
+    plain chain's, bit for bit, in either precision and layout."""
+    model, _ = _probe_net()
+    builds = []
+    build = ncsn._static_network
+    monkeypatch.setattr(ncsn, "_static_network", lambda network, x, sigma, capture: builds.append(
+        (tuple(x.shape), capture)) or build(network, x, sigma, capture))
+    draw = lambda graph: ncsn.sample(model, (5, 1, 8, 8), **SMALL_CHAIN, batch_size=2, precision=precision,  # noqa
+                                     channels_last=channels_last, cuda_graph=graph,
+                                     generator=torch.Generator().manual_seed(1))
+    plain = draw(False)
+    assert builds == []
+    assert torch.equal(draw(True), plain)
+    assert builds == [((2, 1, 8, 8), False), ((1, 1, 8, 8), False)]
+
+
+def test_a_failed_cuda_graph_capture_samples_without_it_after_one_note(capsys):
+    """Where capture fails (here: CPU tensors), the chain runs the plain evaluation, with a single note on stderr
+    for all the batch shapes that follow."""
+    model, _ = _probe_net()
+    network = ncsn._network(model, "fp32", False)
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    run = lambda score_fn, x: annealed_langevin_dynamics(score_fn, x, [1.0, 0.5], 1e-2, 1,  # noqa: E731
+                                                         generator=torch.Generator().manual_seed(1))
+    graphed = ncsn._per_batch_shape(network, capture=True)
+    assert torch.equal(run(graphed, x), run(network, x))
+    assert torch.equal(run(graphed, x[:1]), run(network, x[:1]))  # a new shape, no second attempt
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 1 and notes[0].startswith("note: CUDA graph capture failed (") and \
+        notes[0].endswith("sampling without CUDA graphs")
 
 # ---- end to end: the two-mode mixture of notes §7 ------------------------------------------------------------
 
