@@ -11,24 +11,54 @@
    linear score s(x) = A x + b, where the exact value is tr(A) + 1/2 mean ||A x + b||^2 (notes §5).
 3. Annealed Langevin dynamics (notes §9, Song & Ermon 2019 Algorithm 1): the sampler's time over that of the same
    number of bare score evaluations.
-4. The NCSN U-Net at the CIFAR-10 preset (notes §8, §10): training images/s, memory, FLOPs, share of the GPU's peak.
+4. The NCSN U-Net at the CIFAR-10 preset (notes §8, §10), beside NCSNv2's published network: training images/s in
+   train.py's layout, memory, FLOPs, share of the GPU's bf16 peak, and attention's share of the step's time beside its
+   share of the FLOPs.
 5. Sampling the CIFAR-10 preset's full annealed chain (L T + 1 = 232 * 5 + 1 evaluations), images/s.
 6. The toy objectives table: DSM, SSM-VR and exact score matching through ncsn.ncsn_loss on the notes' two-mode
    mixture, with the Fisher divergence of each trained model to the true noisy score.
 
 Machines are noisy, so every comparison is a ratio of interleaved measurements (A B A B ..., medians) taken in the
-same run. Timings use time.perf_counter, with the device synchronised around each timed call on CUDA.
+same run; a comparison whose rounds disagree (the max/min of its per-round ratios above AGREEMENT) is timed for more
+rounds, within a bound, and each row says how many it took. Timings use time.perf_counter, with the device
+synchronised around each timed call on CUDA. OpenMP's threads wait passively (OMP_WAIT_POLICY=PASSIVE, set before
+torch loads OpenMP) unless the environment or --omp-wait active says otherwise: a thread that spins while it waits
+for a partner that another process has descheduled made small steps up to 100x slower on a shared 2-core machine.
 """
+import os
+import sys
+
+
+def omp_wait_policy(argv, environ):
+    """(OMP_WAIT_POLICY for this run, why): --omp-wait passive|active in argv, else the environment's, else PASSIVE."""
+    for i, arg in enumerate(argv):
+        value = arg.partition("=")[2] if arg.startswith("--omp-wait=") else \
+            argv[i + 1] if arg == "--omp-wait" and i + 1 < len(argv) else None
+        if value in ("passive", "active"):
+            return value.upper(), "--omp-wait"
+    if environ.get("OMP_WAIT_POLICY"):
+        return environ["OMP_WAIT_POLICY"], "from the environment"
+    return "PASSIVE", "bench.py's default"
+
+
+# OpenMP reads its waiting policy once, when torch loads it: it is set here, before `import torch`. Imported (by the
+# tests), bench.py changes nothing and reports what the importing process had.
+if __name__ == "__main__":
+    OMP_WAIT = omp_wait_policy(sys.argv[1:], os.environ)
+    os.environ["OMP_WAIT_POLICY"] = OMP_WAIT[0]
+else:
+    OMP_WAIT = (os.environ.get("OMP_WAIT_POLICY", "unset"), "as the importing process had it")
+
 import argparse
 import contextlib
+import copy
 import ctypes
+import itertools
 import json
 import math
-import os
 import platform
 import re
 import statistics
-import sys
 import time
 
 import torch
@@ -36,6 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import ncsn
+import runs
 from denoising import denoising_score_matching_loss
 from langevin import annealed_langevin_dynamics
 from score_matching import score_matching_loss
@@ -50,9 +81,13 @@ CIFAR10 = dict(sigma_max=50.0, sigma_min=0.01, n_sigmas=232, n_steps_each=5, ste
 GMM = dict(sigma_max=20.0, sigma_min=0.01, n_sigmas=30, n_steps_each=50, step_size=1e-5, lr=1e-3, batch_size=512,
            hidden=128)
 
+# NCSNv2's CIFAR-10 network as published (Song & Ermon 2020): parameters and GFLOPs per 32x32 image forward;
+# section 4 sets ours beside it.
+NCSNV2_CIFAR10 = {"M parameters": 29.7, "GFLOPs / image": 19.8}
+
 # Dense bf16 peaks (TFLOP/s, without sparsity) by device name; the first matching pattern wins.
-BF16_PEAK_TFLOPS = ((r"H100.*PCIe", 756), (r"H100(?!.*NVL)", 989), (r"H200", 989), (r"A100", 312), (r"\bL4\b", 121),
-                    (r"RTX 4090", 165))
+BF16_PEAK_TFLOPS = ((r"H100.*PCIe", 756), (r"H100.*NVL", 835), (r"H100", 989), (r"H200.*NVL", 835), (r"H200", 989),
+                    (r"A100", 312), (r"\bL4\b", 121), (r"RTX 4090", 165))
 
 
 # ---- Timing ---------------------------------------------------------------------------------------------------
@@ -71,23 +106,74 @@ def _timed(fn, device):
     return time.perf_counter() - start
 
 
-def interleaved_medians(fns, device, repeats, warmup=1, budget_s=math.inf):
-    """Median seconds per call of each fn in fns (a dict), timed in interleaved rounds A B C, C B A, ... after warmup.
-
-    Every other round runs in reverse order, so that no variant always follows the same one. Stops after `repeats`
-    rounds, or after two once the rounds have taken budget_s seconds. Returns ({name: median seconds}, rounds timed).
-    """
+def interleaved_rounds(fns, device, warmup=1):
+    """Rounds of timings of the fns in fns (a dict), {name: seconds} each, A B C then C B A, ..., after `warmup`
+    untimed calls of each: every other round runs in reverse order, so that no variant always follows the same one.
+    Endless: the caller stops when it has enough."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {name: [] for name in fns}
-    start = time.perf_counter()
-    for round_ in range(repeats):
-        for name in (list(fns) if round_ % 2 == 0 else list(fns)[::-1]):
-            times[name].append(_timed(fns[name], device))
-        if round_ >= 1 and time.perf_counter() - start > budget_s:
-            break
-    return {name: statistics.median(t) for name, t in times.items()}, len(next(iter(times.values())))
+    names = list(fns)
+    for round_ in itertools.count():
+        yield {name: _timed(fns[name], device) for name in (names if round_ % 2 == 0 else names[::-1])}
+
+
+def _medians(rounds):
+    return {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
+
+
+def interleaved_medians(fns, device, repeats, warmup=1, budget_s=math.inf):
+    """Median seconds per call of each fn in fns (a dict), over interleaved rounds (interleaved_rounds) after warmup.
+
+    Stops after `repeats` rounds, or after two once the rounds have taken budget_s seconds. Returns ({name: median
+    seconds}, rounds timed).
+    """
+    times, start = [], time.perf_counter()
+    for round_ in interleaved_rounds(fns, device, warmup):
+        times.append(round_)
+        if len(times) >= repeats or (len(times) >= 2 and time.perf_counter() - start > budget_s):
+            return _medians(times), len(times)
+
+
+# A comparison is timed for more rounds while the max/min of its per-round ratios exceeds this: one disturbed round
+# (another process took a core mid-call) moves a ratio by far more than two undisturbed rounds differ.
+AGREEMENT = 1.15
+
+
+def ratio_spread(rounds, reference):
+    """The largest max/min, over the fns other than `reference`, of their per-round time ratios to it (1 if none)."""
+    ratios = [[r[name] / r[reference] for r in rounds] for name in rounds[0] if name != reference]
+    return max((max(r) / min(r) for r in ratios), default=1.0)
+
+
+def agreeing_medians(fns, device, rounds, max_rounds, budget_s=math.inf, warmup=1, spread=AGREEMENT):
+    """Median seconds per call of each fn in fns over `rounds` consecutive interleaved rounds whose time ratios to the
+    first fn agree: each ratio's max/min over them at most `spread`. While the last `rounds` rounds disagree, one
+    more is timed, up to max_rounds, or until budget_s has passed after the first `rounds`; then the medians are of
+    every round timed. Returns ({name: median seconds}, {"timed", "used": rounds the medians are of, "spread": their
+    ratio_spread, "agreed", "limit": spread}, [per-round {name: seconds} the medians are of])."""
+    if not 1 <= rounds <= max_rounds:
+        raise ValueError(f"need 1 <= rounds <= max_rounds, got {rounds} and {max_rounds}")
+    reference = next(iter(fns))
+    times, start = [], time.perf_counter()
+    for round_ in interleaved_rounds(fns, device, warmup):
+        times.append(round_)
+        window = times[-rounds:]
+        agreed = len(window) == rounds and ratio_spread(window, reference) <= spread
+        if not agreed and len(times) < max_rounds and (len(times) < rounds or time.perf_counter() - start <= budget_s):
+            continue
+        used = window if agreed else times
+        info = dict(timed=len(times), used=len(used), spread=ratio_spread(used, reference), agreed=agreed, limit=spread)
+        return _medians(used), info, used
+
+
+def agreement_note(info):
+    """A table cell: how many rounds a comparison took, and whether they agreed (agreeing_medians)."""
+    if info["agreed"]:
+        return (f"median of {info['used']} rounds, ratios within {info['spread']:.3f}"
+                + (f" (agreed after {info['timed']} rounds)" if info["timed"] > info["used"] else ""))
+    return (f"median of {info['timed']} rounds; ratios still spread {info['spread']:.2f} > {info['limit']} at the "
+            "round or time limit")
 
 
 def _proc_status_mib(field):
@@ -210,8 +296,10 @@ def bench_step_cost(device, quick):
         cold = {name: first[name] for name in steps if name.startswith("exact") and first[name] > 2 * exact_limit_s}
         # Two interleaved groups: the cheap objectives among themselves (the ratio that matters, SSM / DSM, must not
         # share rounds with steps 100x longer, after which the next step runs on cold caches), then exact SM.
-        medians, rounds = interleaved_medians({n: f for n, f in steps.items() if not n.startswith("exact")}, device,
-                                              warmup=0, repeats=9 if quick else 15, budget_s=1.0 if quick else 8.0)
+        # The cheap ones must agree (their ratios to DSM are the goal's): more rounds while they don't.
+        medians, agreement, _ = agreeing_medians({n: f for n, f in steps.items() if not n.startswith("exact")},
+                                                 device, warmup=0, rounds=5 if quick else 9,
+                                                 max_rounds=30 if quick else 60, budget_s=1.0 if quick else 8.0)
         exact = {n: f for n, f in steps.items() if n.startswith("exact") and n not in cold}
         exact_medians, exact_rounds = interleaved_medians(exact, device, warmup=0, repeats=9 if quick else 15,
                                                           budget_s=1.0 if quick else 8.0) if exact else ({}, 0)
@@ -223,12 +311,13 @@ def bench_step_cost(device, quick):
             seconds = medians.get(name, cold.get(name))
             timed_at[name] = (dim, seconds)
             note = f"one cold step (over 2 × {exact_limit_s:g} s), not repeated" if name in cold else \
-                f"median of {exact_rounds if name.startswith('exact') else rounds}"
+                f"median of {exact_rounds}" if name.startswith("exact") else agreement_note(agreement)
             rows.append({"D": dim, "objective": name, "ms / step": 1e3 * seconds,
                          "time / DSM": seconds / medians["dsm"], "note": note})
     ratio = {(r["D"], r["objective"]): r["time / DSM"] for r in rows}
     notes.append(f"MLP D-{hidden}-{hidden}-D (Softplus), batch {batch}; a step is loss + backward + Adam step; "
-                 f"interleaved rounds, median.")
+                 f"interleaved rounds, median; dsm, ssm and ssm-vr are timed until {AGREEMENT} bounds the max/min of "
+                 "their per-round ratios to dsm, or a limit is reached (the note says which).")
     for name in ("exact (vectorised)", "ssm-vr"):
         trend = ", ".join(f"{ratio[dim, name]:.3g} at D = {dim}" for dim in dims if ratio[dim, name] is not None)
         notes.append(f"{name} / DSM: {trend}.")
@@ -296,7 +385,7 @@ def bench_sampler_overhead(device, quick):
     torch.manual_seed(0)
     small_unet = ncsn.NCSN(channels=32, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0)
     cases = [
-        ("small NCSN (32 ch, 2 levels)", small_unet, (128 if gpu else 8, 3, 32, 32), 4 if quick else 10,
+        ("small NCSN (32 ch, 2 levels)", small_unet, (128 if gpu else 4 if quick else 8, 3, 32, 32), 4 if quick else 10,
          2 if quick else (5 if gpu else 2)),
         (f"MLPScoreNet(2, hidden={GMM['hidden']})", ncsn.MLPScoreNet(2, hidden=GMM["hidden"]),
          (GMM["batch_size"], 2), GMM["n_sigmas"], 5 if quick else GMM["n_steps_each"]),
@@ -320,81 +409,180 @@ def bench_sampler_overhead(device, quick):
 
         with torch.no_grad():
             model(x, sigma)  # warmup: one evaluation, rather than a whole chain of each
-        medians, rounds = interleaved_medians({"sampler": sampler, "bare": bare}, device, repeats=15, warmup=0,
-                                              budget_s=1.5 if quick else 5.0)
+        # The goal's ratio: timed until the sampler / bare ratios of `rounds` consecutive rounds agree.
+        medians, agreement, _ = agreeing_medians({"bare": bare, "sampler": sampler}, device, warmup=0,
+                                                 rounds=3 if quick else 5, max_rounds=8 if quick else 20,
+                                                 budget_s=3.0 if quick else 15.0)
         rows.append({"model": name, "x": "×".join(map(str, shape)), "evaluations": n_evals,
                      "sampler ms": 1e3 * medians["sampler"], "bare ms": 1e3 * medians["bare"],
                      "overhead": medians["sampler"] / medians["bare"], "goal": "≤ 1.15",
-                     "note": f"median of {rounds}"})
+                     "note": agreement_note(agreement)})
     notes = ["overhead = annealed Langevin time / time of the same number of bare model calls under no_grad on inputs "
-             "of the same shape; interleaved, median."]
+             f"of the same shape; interleaved, median; timed until the per-round ratios of consecutive rounds agree "
+             f"within {AGREEMENT} (max/min), or a limit is reached (the note says which)."]
     return rows, notes
 
 
 # ---- 4. The NCSN U-Net at the CIFAR-10 preset -----------------------------------------------------------------
 
-def bench_unet(device, quick, compile_on_cpu=False, batch=None):
-    """Training throughput of ncsn.NCSN() (notes §8, §10) at the CIFAR-10 preset: fp32, bf16 autocast, compile."""
-    gpu = device.type == "cuda"
-    batch = batch or (CIFAR10["batch_size"] if gpu else (1 if quick else 4))
-    torch.manual_seed(0)
-    model = ncsn.NCSN().to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.rand(1, 3, 32, 32, device=device), torch.ones(1, device=device))
-    flops_per_image = counter.get_total_flops()  # forward, batch 1 (2 FLOPs per multiply-add)
+def training_layout(device):
+    """The memory format train.py trains the U-Net and its batches in (its image_layout, copied): channels_last on
+    CUDA, the default on a CPU."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
+
+def gflops_per_image(model, shape, device):
+    """The network's forward cost for one input of `shape`, in GFLOPs (2 per multiply-add; torch's FlopCounterMode),
+    counted as train.py's gflops_per_image (copied): in eval mode, on zeros at sigma = 1, attention on the math kernel
+    (FlopCounterMode has no formula for the CPU's flash kernel, and would miss attention's two matmuls there)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), \
+            FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *shape, device=device), torch.ones(1, device=device))
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
+def without_attention(model):
+    """A copy of an ncsn.NCSN with every self-attention layer (ncsn.Attention, a residual branch) replaced by the
+    identity, the rest (weights, layout) unchanged: attention's share of a cost is 1 - the copy's / the network's."""
+    ablated = copy.deepcopy(model)
+    for module in list(ablated.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, ncsn.Attention):
+                setattr(module, name, torch.nn.Identity())
+    return ablated
+
+
+def unet_settings(device, quick, compile_on_cpu=False, batch=None):
+    """What section 4 runs on `device`: the batch and train.py's layout, the variants {name: (precision, compiled)},
+    those skipped {name: why}, and the variant that attention's share is timed in (train.py's precision there). On a
+    GPU: the preset's batch of 128 in channels_last, fp32, bf16 and bf16 + compile, attention in bf16; on a CPU a
+    small batch in the default layout, fp32 and bf16, compile only with --compile-on-cpu, attention in fp32."""
+    gpu = device.type == "cuda"
+    variants, skipped = {"fp32": ("fp32", False), "bf16 autocast": ("bf16", False)}, {}
+    if gpu:
+        variants["bf16 autocast + compile"] = ("bf16", True)
+    elif compile_on_cpu and not quick:
+        variants["fp32 + compile"] = ("fp32", True)
+    else:
+        skipped["fp32 + compile"] = "skipped on the CPU: compiling takes minutes (--compile-on-cpu runs it)"
+    return dict(gpu=gpu, batch=batch or (CIFAR10["batch_size"] if gpu else (1 if quick else 4)),
+                layout=training_layout(device), variants=variants, skipped=skipped,
+                attention_variant="bf16 autocast" if gpu else "fp32")
+
+
+def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, settings=None):
+    """Training throughput of ncsn.NCSN() (notes §8, §10) at the CIFAR-10 preset beside NCSNv2's published network:
+    fp32, bf16 autocast, compile, the share of the GPU's bf16 peak, and attention's share of the step's time beside
+    its share of the FLOPs.
+
+    model: the network (default: ncsn.NCSN(), seeded); settings: unet_settings(...) (default: this device's). The
+    tests pass a small network and a GPU's settings, which runs the GPU rows' code on a CPU.
+    """
+    settings = settings or unet_settings(device, quick, compile_on_cpu, batch)
+    gpu, batch, layout = settings["gpu"], settings["batch"], settings["layout"]
+    if model is None:
+        torch.manual_seed(0)
+        model = ncsn.NCSN()
+    model = model.to(device, memory_format=layout)  # as train.py: the network in its training layout, ...
+    shape = (3, 32, 32)
     sigmas = ncsn.geometric_sigmas(CIFAR10["sigma_max"], CIFAR10["sigma_min"], CIFAR10["n_sigmas"]).to(device)
-    x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    x = x.contiguous(memory_format=layout)  # ... and its batches
     generator = torch.Generator(device).manual_seed(0)
 
-    def training_step(net, precision):
-        def score_fn(y, sigma):  # as train.py: autocast around the network only, the loss in fp32
+    trainers = {}  # one Adam and one EMA per network, shared by its variants, as in one training run
+
+    def training_step(net, module, precision):
+        """train.py's step: ncsn_loss (DSM) with autocast around the network only (the loss in fp32), backward, Adam
+        (fused, as train.py's on cuda and cpu), the EMA; returns the callable that takes it."""
+        if module not in trainers:
+            trainers[module] = torch.optim.Adam(module.parameters(), lr=1e-4, fused=True), ncsn.EMA(module, 0.999)
+        optimizer, ema = trainers[module]
+
+        def score_fn(y, sigma):
             with autocast(device, precision):
                 return net(y, sigma).float()
 
         def step():
             loss = ncsn.ncsn_loss(score_fn, x, sigmas, generator=generator)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            model.zero_grad(set_to_none=True)  # forward + backward; no optimiser step
+            optimizer.step()
+            ema.update(module)
 
         return step
 
-    steps = {"fp32": training_step(model, "fp32"), "bf16 autocast": training_step(model, "bf16")}
-    compiled = "bf16 autocast + compile" if gpu else "fp32 + compile"
-    rows, failed = [], {}
-    if gpu or (compile_on_cpu and not quick):
-        steps[compiled] = training_step(torch.compile(model), "bf16" if gpu else "fp32")
-    else:
-        failed[compiled] = "skipped on the CPU: compiling takes minutes (--compile-on-cpu runs it)"
-
+    # The variants of our network; one step before any memory is measured, so that Adam's state exists for each.
+    steps, failed = {}, dict(settings["skipped"])
+    for name, (precision, compiled) in settings["variants"].items():
+        steps[name] = training_step(torch.compile(model) if compiled else model, model, precision)
+    for name, step in list(steps.items())[:1]:
+        step()
     memory = {}
-    for name in list(steps):  # the first call of each is also its warmup
+    for name in list(steps):  # the first call of each is also its warmup (with compile, its compiling)
         try:
             memory[name] = _measure_peak_memory(steps[name], device)
         except Exception as error:  # torch.compile's failures are many and varied; report, don't crash
             failed[name] = f"failed: {_error_summary(error)}"
             del steps[name]
-    medians, rounds = interleaved_medians(steps, device, repeats=3 if quick else 5, warmup=0,
-                                          budget_s=1.0 if quick else (20.0 if gpu else 15.0))
+    # The same network without attention, timed in the same rounds: attention's share of the step.
+    attention_variant = settings["attention_variant"] if settings["attention_variant"] in steps else "fp32"
+    ablated = without_attention(model)
+    steps["without attention"] = training_step(ablated, ablated, settings["variants"][attention_variant][0])
+    steps["without attention"]()  # its warmup
+    medians, agreement, rounds = agreeing_medians(steps, device, warmup=0, rounds=2 if quick else 3,
+                                                  max_rounds=4 if quick else 8,
+                                                  budget_s=4.0 if quick else (30.0 if gpu else 20.0))
+
     peak = bf16_peak_tflops(device_name(device)) if gpu else None
-    for name in ("fp32", "bf16 autocast", compiled):
+    n_params = {"ours": sum(p.numel() for p in model.parameters()),
+                "without attention": sum(p.numel() for p in ablated.parameters())}
+    gflops = {"ours": gflops_per_image(model, shape, device), "without attention": gflops_per_image(ablated, shape,
+                                                                                                   device)}
+    time_shares = sorted(1 - r["without attention"] / r[attention_variant] for r in rounds)
+    time_share, flop_share = statistics.median(time_shares), 1 - gflops["without attention"] / gflops["ours"]
+    attention = (f"attention: {time_share:.1%} of the step's time (rounds {time_shares[0]:.1%} to "
+                 f"{time_shares[-1]:.1%}), {flop_share:.1%} of its FLOPs; goal on a CPU: time ≤ FLOPs + 1 point, "
+                 + ("met" if time_share <= flop_share + 0.01 else "not met"))
+    columns = ("network", "precision", "batch", "M parameters", "GFLOPs / image", "ms / step", "images / s",
+               "time / fp32", "peak memory MiB", "TFLOP/s", "share of bf16 peak", "note")
+    rows = [dict(dict.fromkeys(columns), network="NCSNv2 (published)", **NCSNV2_CIFAR10,
+                 note="Song & Ermon 2020, CIFAR-10 network as published")]
+    for name in [*settings["variants"], *settings["skipped"], "without attention"]:
+        ablation = name == "without attention"
+        network, precision = ("ours without attention", attention_variant) if ablation else ("ours", name)
+        cost = {"M parameters": n_params[name if ablation else "ours"] / 1e6,
+                "GFLOPs / image": gflops[name if ablation else "ours"]}
         if name not in medians:
-            rows.append({"precision": name, "batch": batch, "note": failed[name]})
+            rows.append({"network": network, "precision": precision, "batch": batch, **cost, "note": failed[name]})
             continue
         images_per_s = batch / medians[name]
-        achieved = 3 * flops_per_image * images_per_s / 1e12  # forward + backward ≈ 3 forwards
-        rows.append({"precision": name, "batch": batch, "ms / step": 1e3 * medians[name],
-                     "images / s": images_per_s, "time / fp32": medians[name] / medians["fp32"],
-                     "peak memory MiB": memory[name], "TFLOP/s": achieved,
+        achieved = 3 * cost["GFLOPs / image"] * images_per_s / 1e3  # TFLOP/s: forward + backward ≈ 3 forwards
+        rows.append({"network": network, "precision": precision, "batch": batch, **cost,
+                     "ms / step": 1e3 * medians[name], "images / s": images_per_s,
+                     "time / fp32": medians[name] / medians["fp32"], "peak memory MiB": memory.get(name),
+                     "TFLOP/s": achieved,
                      "share of bf16 peak": (f"{achieved / peak:.1%}" if peak else "unknown") if gpu else "n/a",
-                     "note": f"median of {rounds}"})
-    notes = [f"ncsn.NCSN() default: {n_params / 1e6:.2f} M parameters, {flops_per_image / 1e9:.2f} GFLOPs per "
-             f"32×32×3 image forward (FlopCounterMode, batch 1); a step is ncsn_loss (DSM) + backward, train mode.",
-             "achieved TFLOP/s = 3 × forward FLOPs × images/s (forward + backward ≈ 3 forwards).",
-             "peak memory: " + ("torch.cuda.max_memory_allocated over one step." if gpu else
+                     "note": attention if ablation else agreement_note(agreement)})
+    where = "channels_last, as train.py on CUDA" if layout == torch.channels_last else \
+        "the default layout, as train.py on a CPU"
+    notes = [f"ours: ncsn.NCSN() default, {n_params['ours'] / 1e6:.2f} M parameters, {gflops['ours']:.2f} GFLOPs per "
+             f"32×32×3 image forward (FlopCounterMode, batch 1, eval mode, as train.py counts it); network and batch "
+             f"in {where}; a step is train.py's: ncsn_loss (DSM), backward, fused Adam, EMA update, train mode.",
+             f"ours / NCSNv2: {n_params['ours'] / 1e6 / NCSNV2_CIFAR10['M parameters']:.2f}× the parameters, "
+             f"{gflops['ours'] / NCSNV2_CIFAR10['GFLOPs / image']:.2f}× the FLOPs per image.",
+             "achieved TFLOP/s = 3 × forward FLOPs × images/s (forward + backward ≈ 3 forwards); share of bf16 "
+             "peak = that over the GPU's dense bf16 peak.",
+             "peak memory: " + ("torch.cuda.max_memory_allocated over one step." if device.type == "cuda" else
                                 "the rise of the resident set (VmHWM - VmRSS of /proc/self/status) over one step.") +
-             " The step measured is the first of each variant (with compile, it includes compiling)."]
+             " The step measured is each variant's first (fp32's second, after the one that creates Adam's state; "
+             "with compile, it includes compiling).",
+             f"ours without attention: every ncsn.Attention replaced by the identity, in {attention_variant}, timed "
+             f"in the same rounds; attention's share = 1 - its time / ours per round (median), and 1 - its FLOPs / "
+             f"ours. {attention[0].upper()}{attention[1:]}."]
     if gpu:
         notes.append(f"dense bf16 peak of this GPU: {peak} TFLOP/s." if peak else
                      "dense bf16 peak unknown for this GPU.")
@@ -402,6 +590,9 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None):
         notes.insert(0, f"on the CPU at batch {batch}" + ("." if batch == CIFAR10["batch_size"] else
                                                           f", not the preset's {CIFAR10['batch_size']} "
                                                           "(--unet-batch 128 runs it: minutes on a CPU)."))
+        notes.append("this CPU has native bf16: train.py --precision bf16 runs bf16 autocast on it." if
+                     runs.cpu_has_native_bf16() else "this CPU has no native bf16: the bf16 row is emulated bf16, and "
+                     "train.py --precision bf16 trains in fp32 on it.")
     return rows, notes
 
 
@@ -551,6 +742,9 @@ def parse_args(argv=None):
     p.add_argument("--sections", default=",".join(map(str, SECTIONS)), help="comma-separated sections to run")
     p.add_argument("--device", default="auto", help="auto picks cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--omp-wait", choices=["passive", "active"], default=None,
+                   help="OpenMP's OMP_WAIT_POLICY for this run: passive threads sleep while they wait, active ones "
+                        "spin (default: the environment's OMP_WAIT_POLICY, else passive)")
     p.add_argument("--compile-on-cpu", action="store_true", help="also time torch.compile in section 4 on a CPU")
     p.add_argument("--unet-batch", type=int, default=None,
                    help="batch of section 4 (default: the preset's 128 on a GPU, 4 on a CPU, 1 with --quick)")
@@ -586,17 +780,19 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     start = time.perf_counter()
     header = {"device": f"{device.type} ({device_name(device)})", "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "load average": os.getloadavg()[0], "quick": args.quick,
-              "python": platform.python_version()}
+              "threads": torch.get_num_threads(), "OMP_WAIT_POLICY": OMP_WAIT[0], "OMP_WAIT_POLICY source": OMP_WAIT[1],
+              "load average": os.getloadavg()[0], "quick": args.quick, "python": platform.python_version()}
     print(f"# bench.py{' --quick' if args.quick else ''}: {header['device']}, torch {header['torch']}, "
-          f"{header['threads']} threads, load average {header['load average']:.2f} at start")
+          f"{header['threads']} threads, OMP_WAIT_POLICY={OMP_WAIT[0]} ({OMP_WAIT[1]}), load average "
+          f"{header['load average']:.2f} at start")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if device.type == "cpu" and header["threads"] > 1 and header["load average"] + header["threads"] > cores:
+    if (device.type == "cpu" and header["threads"] > 1 and header["load average"] + header["threads"] > cores
+            and OMP_WAIT[0].upper() != "PASSIVE"):
         # Measured here: with a load of 2-3 on 2 cores, OpenMP threads that spin while waiting for a descheduled
         # partner made small steps up to 100x slower; passive waiting or one thread removed the slowdown.
         print(f"warning: load average {header['load average']:.2f} on {cores} cores: where other processes are busy, "
-              f"torch's threads contend with them and can slow small operations many times over "
-              f"(--threads 1 or OMP_WAIT_POLICY=PASSIVE avoids it)")
+              f"torch's threads that spin while they wait contend with them and can slow small operations many times "
+              f"over (--omp-wait passive or --threads 1 avoids it)")
     results = {"header": header, "sections": {}}
     for number in args.sections:
         title, bench = SECTIONS[number]

@@ -1,10 +1,12 @@
 """A training run on disk: what train.py keeps in its --out-dir, and how train.py and sample.py read it back.
 
-    checkpoint.pt             {model, ema, optimizer, step, config, rng, interval}, read with torch.load(weights_only)
+    checkpoint.pt             {model, ema, optimizer, step, config, rng, interval, figure_owed} (weights_only)
     checkpoint_NNNNNNN.pt     the same at step NNNNNNN, kept with --keep-every K (the checkpoint history)
-    metrics.jsonl             one JSON object per line: the loss every --log-every steps, quality numbers, ...
+    metrics.jsonl             one JSON object per line: the loss every --log-every steps, quality numbers, FID...
     samples/step_NNNNNNN.png  sample figures during training (a grid of images, or 2-D points over fresh data)
+    loss.png                  the training and held-out loss of metrics.jsonl, redrawn with each sample figure
     samples.npz, samples.png  sample.py's samples and their figure
+    quality.png               sample.py --fid --baselines: samples beside held-out images and Gaussian draws
     inpainting.npz/.png       sample.py --inpaint: held-out images, their masks and completions
     interpolation.npz/.png    sample.py --interpolate: rows of chains that mix two noise streams
     run.lock                  held by the run that uses the folder (PID and host inside), so that there is one
@@ -198,6 +200,41 @@ def _upgrade(ckpt):
     return ckpt
 
 
+# CPU features that compute in bf16 (torch.cpu.get_capabilities, from cpuinfo): AVX512-BF16 and AMX-BF16 on x86
+# (AVX10.1 includes AVX512-BF16), BF16 and SVE-BF16 on Arm. torch.ops.mkldnn._is_mkldnn_bf16_supported() is not this
+# test: it says whether oneDNN's bf16 kernels run at all, which any AVX512 (BW, VL, DQ) CPU passes by emulating them.
+NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "avx10_1", "bf16", "sve_bf16")
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU has bf16 arithmetic (NATIVE_BF16); False where torch cannot say (before get_capabilities)."""
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return any(capabilities.get(flag) is True for flag in NATIVE_BF16)
+
+
+def usable_precision(precision, device, what="training"):
+    """The precision asked for, or fp32 with a note (which says that `what` goes on in fp32) where the device has no
+    bf16 autocast, or would only emulate it.
+
+    On a CPU without native bf16 (cpu_has_native_bf16), bf16 is emulated through fp32: measured on an AVX512 CPU with
+    oneDNN held to AVX512_CORE (ONEDNN_MAX_CPU_ISA), a training step of the U-Net took 2x the time of fp32, and with
+    AVX2 only 11-22x; with native bf16 (avx512_bf16, same CPU) 0.55-0.88x. bf16 is a speed switch, and an emulated
+    one is slower and less precise, so such a run goes on in fp32, as on a GPU without bf16; a checkpoint keeps
+    --precision bf16, which a resume on a CPU or GPU with bf16 honours."""
+    reason = None
+    if precision == "bf16" and device.type == "mps":
+        reason = "bf16 autocast is not supported on mps here"
+    elif precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        reason = "this GPU has no bf16"
+    elif precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        reason = ("this CPU has no native bf16 (avx512_bf16, amx_bf16 or Arm's bf16): bf16 would be emulated and "
+                  "slower than fp32")
+    if reason:
+        print(f"note: {reason}; {what} in fp32", file=sys.stderr)
+        return "fp32"
+    return precision
+
+
 def build_model(config):
     """The network that config["architecture"] describes: ncsn.NCSN for images, ncsn.MLPScoreNet for vectors."""
     kwargs = dict(config["architecture"])
@@ -253,13 +290,15 @@ def heldout_images(config, data_dir):
     return run_images(config, data_dir, train=False)
 
 
-def draw_samples(model, config, n, generator, progress=False, batch_size=None, callback=None, init=None):
+def draw_samples(model, config, n, generator, progress=False, batch_size=None, callback=None, init=None,
+                 precision="fp32"):
     """n samples (n, *shape) of the run's annealed Langevin sampler (notes §9), clamped to its data range; from the
-    uniform prior, or from init + sigma_1 noise (ncsn.sample's data_init)."""
+    uniform prior, or from init + sigma_1 noise (ncsn.sample's data_init); the network in `precision`."""
     device = next(model.parameters()).device
     return ncsn.sample(model, (n, *config["shape"]), torch.tensor(config["sigmas"], device=device),
                        config["n_steps_each"], config["step_size"], generator=generator, progress=progress,
-                       data_range=tuple(config["data_range"]), batch_size=batch_size, callback=callback, init=init)
+                       data_range=tuple(config["data_range"]), batch_size=batch_size, callback=callback, init=init,
+                       precision=precision)
 
 
 def append_metrics(out_dir, record):
@@ -362,7 +401,7 @@ def save_loss_curve(out_dir):
             ax.plot(*zip(*values), label=label, marker="." if len(values) < 30 else None)
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("NCSN loss (sigma^2-weighted DSM)")
+    ax.set_ylabel("NCSN loss (σ²-weighted DSM)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

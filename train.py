@@ -487,11 +487,18 @@ def data_source(config, train_data, device, data_on, is_main):
                           on_device=data_on == "device")
 
 
+def image_layout(device):
+    """The memory format of the U-Net and its batches: channels_last on CUDA (cuDNN's fast convolutions, and the fused
+    attention kernels take q, k, v without a copy); the default on a CPU, where a training step of the digits and
+    CIFAR-10 U-Nets in channels_last took 0.97-1.03x the time in fp32 and 1.1-1.4x under bf16 autocast (1 thread,
+    avx512_bf16). bench.py section 4 trains in the same layout."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def draw_batch(source, n, generator, device):
-    """(n, *shape) float batch on the device; images in channels_last on CUDA, the layout of the network there."""
+    """(n, *shape) float batch on the device; images in image_layout(device), the layout of the network there."""
     if isinstance(source, data.ImageData):
-        x = source.batch(n, generator=generator)
-        return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+        return source.batch(n, generator=generator).contiguous(memory_format=image_layout(device))
     return source(n, generator=generator, device=device)
 
 
@@ -525,6 +532,32 @@ def set_rng_state(state, generators, device):
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+# Adam's fused kernel (all parameters in one kernel per step, instead of torch's default foreach kernels) where it was
+# measured to pay: on CUDA, and on the CPU, where torch 2.13's fused Adam took 0.42x the time of foreach per step
+# for the gmm MLP, 0.38x for the digits U-Net and 0.17x for the CIFAR-10 U-Net (1 thread, interleaved medians). mps
+# keeps torch's default: unmeasured there.
+FUSED_ADAM_DEVICES = ("cuda", "cpu")
+
+
+def adam(model, config, device):
+    """Adam (Kingma & Ba 2015) with the run's lr and eps, NCSNv2's betas, fused where FUSED_ADAM_DEVICES says."""
+    return torch.optim.Adam(model.parameters(), lr=config["lr"], betas=(0.9, 0.999), eps=config["adam_eps"],
+                            fused=True if device.type in FUSED_ADAM_DEVICES else None)
+
+
+def load_optimizer(optimizer, state, rank):
+    """Load a checkpoint's Adam state (moments and step counts) into this run's Adam. The kernel, fused or foreach, is
+    this machine's choice, not the checkpoint's: load_state_dict would take the saved one (and place the step counts
+    by it: on the parameters' device for fused), so a checkpoint moves between machines and train.py versions. The
+    two kernels agree to float rounding, not bit for bit: a change of kernel is said."""
+    ours = {key: optimizer.param_groups[0][key] for key in ("fused", "foreach")}
+    saved = state["param_groups"]
+    optimizer.load_state_dict(dict(state, param_groups=[dict(group, **ours) for group in saved]))
+    if rank == 0 and bool(saved[0].get("fused")) != bool(ours["fused"]):
+        print(f"note: the checkpoint's Adam ran {'fused' if saved[0].get('fused') else 'unfused'}, this run's is "
+              f"{'fused' if ours['fused'] else 'unfused'}: the continuation matches to float rounding, not bit for bit")
+
+
 def resume(ckpt, config, model, ema, optimizer, generators, ckpt_path, rank, world, device):
     """Load the checkpoint's weights, EMA, optimiser, random streams and unlogged losses, and cut metrics.jsonl back
     to its step; returns (step, generators, this rank's losses since the last metrics line or None)."""
@@ -538,7 +571,7 @@ def resume(ckpt, config, model, ema, optimizer, generators, ckpt_path, rank, wor
                        "give more steps, or use another --out-dir")
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer(optimizer, ckpt["optimizer"], rank)
     for group in optimizer.param_groups:  # a new --lr applies from here on
         group["lr"] = config["lr"]
     states, interval = ckpt["rng"], None
@@ -586,17 +619,6 @@ def check_same_step(step, world, device, out_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # The network under the run's switches: DDP, torch.compile, bf16 autocast, the attention kernel.
 # ----------------------------------------------------------------------------------------------------------------
-def usable_precision(precision, device):
-    """The precision asked for, or fp32 with a note where the device has no bf16 autocast."""
-    if precision == "bf16" and device.type == "mps":
-        print("note: bf16 autocast is not supported on mps here; training in fp32", file=sys.stderr)
-        return "fp32"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        print("note: this GPU has no bf16; training in fp32", file=sys.stderr)
-        return "fp32"
-    return precision
-
-
 def wrap(model, world, device, compile_, objective):
     """DistributedDataParallel over several processes, then torch.compile if asked for and possible. The checkpoint
     keeps the plain module's state_dict, loadable without either."""
@@ -798,10 +820,11 @@ def report(line, bar, out_dir):
 # Checkpoints and sample figures
 # ----------------------------------------------------------------------------------------------------------------
 def save_checkpoint(path, model, ema, optimizer, step, config, generators, losses, band_stats, seconds, device,
-                    control):
-    """Write {model, ema, optimizer, step, config, rng, interval} atomically (rank 0), once the weights are known to
-    be finite; every rank takes part, since the random streams and the losses not yet in a metrics line of all of
-    them are saved, and every rank learns whether the write worked."""
+                    control, figure_owed=False):
+    """Write {model, ema, optimizer, step, config, rng, interval, figure_owed} atomically (rank 0), once the weights
+    are known to be finite; every rank takes part, since the random streams and the losses not yet in a metrics line
+    of all of them are saved, and every rank learns whether the write worked. figure_owed: this step's sample figure
+    was abandoned by a signal, and the resumed run draws it first."""
     finite = torch.stack([p.isfinite().all() for m in (model, ema.module) for p in m.parameters()]).all().float()
     if control is not None:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -816,7 +839,8 @@ def save_checkpoint(path, model, ema, optimizer, step, config, generators, losse
     error = None
     if is_first_rank(control):
         state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                     config=config, rng=[rng for rng, _ in gathered], interval=[interval for _, interval in gathered])
+                     config=config, rng=[rng for rng, _ in gathered], interval=[interval for _, interval in gathered],
+                     figure_owed=figure_owed)
         snapshot = os.path.join(os.path.dirname(path), f"checkpoint_{step:07d}.pt")
         try:
             for target in [path] + ([snapshot] if keeps_snapshot(step, config) else []):
@@ -827,14 +851,16 @@ def save_checkpoint(path, model, ema, optimizer, step, config, generators, losse
 
 
 def sample_figure(model, config, step, out_dir, generator, control):
-    """Rank 0 draws the figure of this step (write_samples) while the others wait; a failure stops every rank."""
-    error = None
+    """Rank 0 draws the figure of this step (write_samples) while the others wait; a failure stops every rank.
+    Returns False where a signal made rank 0 abandon it (the run is stopping: its checkpoint owes the figure)."""
+    error, drawn = None, True
     if is_first_rank(control):
         try:
-            write_samples(model, config, step, out_dir, generator)
+            drawn = write_samples(model, config, step, out_dir, generator)
         except RunError as e:
             error = e
     agree(error, control)
+    return drawn
 
 
 class Abandoned(Exception):
@@ -850,7 +876,8 @@ def abandon_if_stopping(done, total):
 def write_samples(model, config, step, out_dir, generator):
     """Rank 0: a figure of samples from the EMA model in <out_dir>/samples/; for 2-D data also the quality numbers
     (data.toy_quality: MMD, and for gmm the mode weights and the Fisher divergence at three sigmas), printed and
-    appended to metrics.jsonl. A signal meanwhile abandons it (the quality generator is then left untouched)."""
+    appended to metrics.jsonl; then loss.png redrawn from metrics.jsonl. A signal meanwhile abandons it (the quality
+    generator is then left untouched, so that the resumed run draws the same figure): returns whether it was drawn."""
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
     path = os.path.join(out_dir, "samples", f"step_{step:07d}.png")
     device = next(model.parameters()).device
@@ -859,40 +886,47 @@ def write_samples(model, config, step, out_dir, generator):
         samples = runs.draw_samples(model, config, config["n_grid"], generator_of_step, progress=True,
                                     callback=abandon_if_stopping)
     except Abandoned:
-        tqdm.write(f"the sample figure of step {step} is abandoned: the run is stopping", file=sys.stderr)
-        return
+        tqdm.write(f"the sample figure of step {step} is abandoned: the run is stopping (the resumed run draws it)",
+                   file=sys.stderr)
+        return False
     if runs.is_image_run(config):
         runs.save_grid(samples, path)
-        return
-    reference = data.TOY_SETS[config["dataset"]](config["n_grid"], generator=generator, device=device)
-    runs.save_scatter(samples, reference, path, f"{config['dataset']}, step {step}")
-    quality = data.toy_quality(config["dataset"], samples, generator, score_fn=model, sigmas=config["sigmas"])
-    tqdm.write(f"step {step}: {data.format_quality(quality)}")
-    runs.append_metrics(out_dir, dict(step=step, **quality))
+    else:
+        reference = data.TOY_SETS[config["dataset"]](config["n_grid"], generator=generator, device=device)
+        runs.save_scatter(samples, reference, path, f"{config['dataset']}, step {step}")
+        quality = data.toy_quality(config["dataset"], samples, generator, score_fn=model, sigmas=config["sigmas"])
+        tqdm.write(f"step {step}: {data.format_quality(quality)}")
+        runs.append_metrics(out_dir, dict(step=step, **quality))
+    runs.save_loss_curve(out_dir)
+    return True
 
 
 def gflops_per_image(model, config, device):
     """The network's forward cost for one input, in GFLOPs (2 per multiply-add; torch's FlopCounterMode), counted
-    in eval mode, so that no dropout draw moves the random streams."""
+    in eval mode, so that no dropout draw moves the random streams, and with attention on the math kernel: torch
+    2.13's FlopCounterMode has no formula for the CPU's flash kernel, and would miss attention's matmuls there."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), \
+            FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, *config["shape"], device=device), torch.ones(1, device=device))
     model.train(was_training)
     return counter.get_total_flops() / 1e9
 
 
-def announce(config, model, world, device, out_dir):
-    """Rank 0: say what is about to run, in one line (for images also the network's GFLOPs per image)."""
+def announce(config, model, world, device, out_dir, precision):
+    """Rank 0: say what is about to run, in one line (for images also the network's GFLOPs per image; the precision
+    the network runs in)."""
     cost = f" ({gflops_per_image(model, config, device):.3g} GFLOPs per image)" if runs.is_image_run(config) else ""
     folder = config.get("data")
     source = (f" from {folder['path']} ({folder['image_size']}x{folder['image_size']}, {folder['held_out']} held "
               "out)") if folder else ""
     print(f"{config['dataset']}{source}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters{cost}, "
           f"{len(config['sigmas'])} sigmas {config['sigmas'][0]:.3g} -> {config['sigmas'][-1]:.3g}, objective "
-          f"{config['objective']}, {world} process(es) on {device}, writing to {out_dir}")
+          f"{config['objective']}, {'bf16 autocast' if precision == 'bf16' else 'fp32'}, {world} process(es) on "
+          f"{device}, writing to {out_dir}")
 
 
 def finish(model, ema, step, stopping, ckpt_path, lock, config, rank, world):
@@ -951,23 +985,26 @@ def train(args):
         raise RunError(str(e)) from None
     if config["batch_size"] % world:
         raise RunError(f"--batch-size {config['batch_size']} is not divisible by the {world} processes")
-    if device.type == "cuda" and runs.is_image_run(config):
-        model = model.to(memory_format=torch.channels_last)
+    if runs.is_image_run(config):
+        model = model.to(memory_format=image_layout(device))
     ema = ncsn.EMA(model, decay=config["ema_decay"])
     generators = seed_streams(config["seed"], rank, 0, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], betas=(0.9, 0.999), eps=config["adam_eps"])
+    optimizer = adam(model, config, device)
     step, interval = 0, None
 
     # Resume.
     if ckpt is not None:
         step, generators, interval = resume(ckpt, config, model, ema, optimizer, generators, ckpt_path, rank, world,
                                             device)
+        if ckpt.get("figure_owed"):  # the figure of this step that a signal abandoned, drawn before going on
+            sample_figure(ema.module, config, step, args.out_dir, generators["quality"], control)
     check_same_step(step, world, device, args.out_dir)
 
     # The network under its switches, the data, the noise levels, the losses not yet in a metrics line.
     net = wrap(model, world, device, args.compile, config["objective"])
+    precision = runs.usable_precision(config["precision"], device)  # fp32 where bf16 is missing or emulated
     score_fn = functools.partial(network_score, net=net, device=device, objective=config["objective"],
-                                 precision=usable_precision(config["precision"], device))
+                                 precision=precision)
     source = data_source(config, train_data, device, args.data_on, is_main)
     sigmas = torch.tensor(config["sigmas"], device=device)
     local_batch = config["batch_size"] // world
@@ -976,7 +1013,7 @@ def train(args):
     checked = len(losses)  # how many of them are known to be finite
     heldout = heldout_set(config, args.data_dir, device, band_of_level, band_names) if is_main else None
     if is_main:
-        announce(config, model, world, device, args.out_dir)
+        announce(config, model, world, device, args.out_dir, precision)
 
     # The loop. The bar shows on a terminal only (disable=None), on rank 0; it closes before any error is printed.
     since = time.perf_counter()  # seconds: the training time of the losses since the last metrics line; since when
@@ -1018,11 +1055,12 @@ def train(args):
             # time is not training time).
             if events["ckpt"] or events["sample"]:
                 seconds += time.perf_counter() - since
-                if events["sample"]:
-                    sample_figure(ema.module, config, step, args.out_dir, generators["quality"], control)
-                if events["ckpt"]:
+                owed = events["sample"] and not sample_figure(ema.module, config, step, args.out_dir,
+                                                              generators["quality"], control)
+                stopping = stopping or stop_signal(control)  # a signal during the figure: stop at this step
+                if events["ckpt"] or stopping:
                     save_checkpoint(ckpt_path, model, ema, optimizer, step, config, generators, losses, band_stats,
-                                    seconds, device, control)
+                                    seconds, device, control, figure_owed=owed)
                 since = time.perf_counter()
     return finish(model, ema, step, stopping, ckpt_path, lock, config, rank, world)
 

@@ -1,9 +1,16 @@
 """bench.py's figures, called as functions: section 2's sliced estimates (notes §5) are unbiased and variance reduction
 lowers their variance for every projection kind and number of projections; the settings bench.py times are
-train.py's presets."""
+train.py's presets, and its copies of train.py's layout, FLOP count and bf16 test are train.py's; a comparison whose
+rounds disagree is timed again (on a fake clock); OpenMP waits passively by default; section 4 runs the GPU's rows
+(on a CPU, with a small U-Net) in train.py's layout, beside NCSNv2's published network, with independent counts.
+No timing is asserted."""
+import ast
+
+import pytest
 import torch
 
 import bench
+import ncsn
 import train
 
 
@@ -35,3 +42,135 @@ def test_sliced_section_shows_unbiased_estimates_and_variance_reduction():
             # least n/2-fold, far outside the sampling error of 200 draws).
             single = variance[dim, projection, 1, vr]
             assert value < 2 * single / n_projections, (dim, projection, n_projections, vr)
+
+
+def fake_clock(monkeypatch):
+    """bench._timed made deterministic: a fake timed function returns the seconds it "took"; the calls are logged."""
+    calls = []
+
+    def timed(fn, device):
+        calls.append(fn.__name__)
+        return fn()
+
+    monkeypatch.setattr(bench, "_timed", timed)
+    return calls
+
+
+def scripted(name, seconds):
+    """A fake timed function that takes the given seconds, one after the other."""
+    it = iter(seconds)
+    fn = lambda: next(it)  # noqa: E731
+    fn.__name__ = name
+    return fn
+
+
+def test_a_comparison_is_timed_until_its_rounds_agree(monkeypatch):
+    """agreeing_medians: rounds interleave A B, B A, ...; a disturbed round (B took 5x) makes the ratios of the last
+    three disagree (max/min > 1.15), so more rounds are timed until three consecutive ones agree, whose medians are
+    reported; without agreement it stops at max_rounds (or the time budget) with the medians of every round."""
+    cpu = torch.device("cpu")
+    calls = fake_clock(monkeypatch)
+    fns = {"a": scripted("a", [1.0] * 10), "b": scripted("b", [2.0, 10.0, 2.0, 2.1, 2.0, 2.0])}
+    medians, info, rounds = bench.agreeing_medians(fns, cpu, rounds=3, max_rounds=10, warmup=0)
+    assert calls[:4] == ["a", "b", "b", "a"]  # every other round reversed
+    assert info == dict(timed=5, used=3, spread=pytest.approx(1.05), agreed=True, limit=bench.AGREEMENT)
+    assert medians == {"a": 1.0, "b": 2.0} and [r["b"] for r in rounds] == [2.0, 2.1, 2.0]
+    assert "median of 3 rounds" in bench.agreement_note(info) and "after 5 rounds" in bench.agreement_note(info)
+
+    alternating = {"a": scripted("a", [1.0] * 20), "b": scripted("b", [1.0, 2.0] * 10)}
+    medians, info, _ = bench.agreeing_medians(alternating, cpu, rounds=3, max_rounds=6, warmup=0)
+    assert info == dict(timed=6, used=6, spread=2.0, agreed=False, limit=bench.AGREEMENT) and medians["b"] == 1.5
+    assert "still spread 2.00 > 1.15" in bench.agreement_note(info)
+    spent = {"a": scripted("a", [1.0] * 20), "b": scripted("b", [1.0, 2.0] * 10)}
+    assert bench.agreeing_medians(spent, cpu, rounds=3, max_rounds=6, warmup=0, budget_s=-1)[1]["timed"] == 3
+    one = bench.agreeing_medians({"a": scripted("a", [1.0])}, cpu, rounds=1, max_rounds=1, warmup=0)
+    assert one[1]["agreed"] and one[1]["spread"] == 1.0
+    with pytest.raises(ValueError, match="rounds <= max_rounds"):
+        bench.agreeing_medians(fns, cpu, rounds=4, max_rounds=3)
+
+
+def test_openmp_waits_passively_unless_the_environment_or_the_flag_says_otherwise():
+    """omp_wait_policy: --omp-wait over the environment's OMP_WAIT_POLICY over PASSIVE; bench.py sets it, run as a
+    script only, before its first `import torch` (OpenMP reads it when torch loads it)."""
+    assert bench.omp_wait_policy([], {}) == ("PASSIVE", "bench.py's default")
+    assert bench.omp_wait_policy(["--quick"], {"OMP_WAIT_POLICY": "ACTIVE"}) == ("ACTIVE", "from the environment")
+    assert bench.omp_wait_policy(["--omp-wait", "active"], {"OMP_WAIT_POLICY": "PASSIVE"})[0] == "ACTIVE"
+    assert bench.omp_wait_policy(["--omp-wait=passive"], {"OMP_WAIT_POLICY": "ACTIVE"}) == ("PASSIVE", "--omp-wait")
+    assert bench.parse_args(["--omp-wait", "active"]).omp_wait == "active"
+    tree = ast.parse(open(bench.__file__).read())
+    first_torch = next(node.lineno for node in tree.body if isinstance(node, ast.Import)
+                       and any(alias.name == "torch" for alias in node.names))
+    guard = next(node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))
+    assert guard.lineno < first_torch and "os.environ['OMP_WAIT_POLICY'] = " in ast.unparse(guard.body)
+
+
+def test_bench_copies_of_train_helpers_agree_with_train():
+    """The layout and the FLOP count that section 4 copies from train.py are train.py's."""
+    for kind in ("cpu", "cuda"):
+        assert bench.training_layout(torch.device(kind)) == train.image_layout(torch.device(kind))
+    model = small_unet()
+    assert bench.gflops_per_image(model, (3, 32, 32), torch.device("cpu")) == train.gflops_per_image(
+        model, {"shape": [3, 32, 32]}, torch.device("cpu"))
+
+
+def small_unet():
+    torch.manual_seed(0)
+    return ncsn.NCSN(channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0)
+
+
+def counted_gflops(model):
+    """FLOPs of one 3x32x32 forward, counted by hand (2 per multiply-add): every convolution and linear layer from
+    its output's size, and each attention's two matmuls, q k^T and (softmax) v, 2 N^2 C each for N = H W positions."""
+    flops = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            kh, kw = module.kernel_size
+            flops.append(2 * output.numel() * module.in_channels // module.groups * kh * kw)
+        elif isinstance(module, torch.nn.Linear):
+            flops.append(2 * output.numel() * module.in_features)
+        elif isinstance(module, ncsn.Attention):
+            _, c, h, w = inputs[0].shape
+            flops.append(2 * 2 * (h * w) ** 2 * c)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 32, 32), torch.ones(1))
+    for handle in handles:
+        handle.remove()
+    return sum(flops) / 1e9
+
+
+def test_unet_section_runs_the_gpu_rows_in_train_layout_beside_ncsnv2(monkeypatch):
+    """Section 4 with a GPU's settings (batch 128, channels_last, fp32 / bf16 / bf16 + compile, attention in bf16), run
+    on the CPU with a small U-Net at batch 1 and without compiling: the network sees train.py's layout; the NCSNv2
+    anchor row is the published 29.7 M / 19.8 GFLOPs; ours are counted independently (parameters one by one, FLOPs
+    by hand); attention's FLOP share is its own layers'; share of peak = 3 x FLOPs x images/s over the bf16 peak."""
+    gpu = bench.unet_settings(torch.device("cuda"), quick=False)
+    assert (gpu["batch"], gpu["layout"], gpu["attention_variant"]) == (128, torch.channels_last, "bf16 autocast")
+    assert gpu["variants"] == {"fp32": ("fp32", False), "bf16 autocast": ("bf16", False),
+                               "bf16 autocast + compile": ("bf16", True)}
+    assert bench.unet_settings(torch.device("cpu"), quick=True)["layout"] == torch.contiguous_format
+    monkeypatch.setattr(bench, "device_name", lambda device: "NVIDIA H100 80GB HBM3")  # its peak: 989 TFLOP/s
+    model, batches = small_unet(), []
+    model.register_forward_pre_hook(lambda module, args: batches.append(args[0]) if module.training else None)
+    without_compile = {k: v for k, v in gpu["variants"].items() if not v[1]}
+    rows, notes = bench.bench_unet(torch.device("cpu"), quick=True, model=model,
+                                   settings=dict(gpu, batch=1, variants=without_compile))
+    assert batches and all(x.is_contiguous(memory_format=torch.channels_last) for x in batches)  # the training steps'
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    anchor, ours, bf16, ablated = rows
+    assert (anchor["network"], anchor["M parameters"], anchor["GFLOPs / image"]) == ("NCSNv2 (published)", 29.7, 19.8)
+    reference = small_unet()
+    attention = [m for m in reference.modules() if isinstance(m, ncsn.Attention)]
+    n_attention = sum(p.numel() for m in attention for p in m.parameters())
+    assert round(ours["M parameters"] * 1e6) == sum(p.numel() for p in reference.parameters())
+    assert round(ablated["M parameters"] * 1e6) == sum(p.numel() for p in reference.parameters()) - n_attention
+    assert ours["GFLOPs / image"] == pytest.approx(counted_gflops(reference), rel=1e-9)
+    assert ablated["GFLOPs / image"] == pytest.approx(counted_gflops(bench.without_attention(reference)), rel=1e-9)
+    assert ablated["precision"] == "bf16 autocast" and "of its FLOPs" in ablated["note"]
+    flop_share = 1 - ablated["GFLOPs / image"] / ours["GFLOPs / image"]
+    assert f"{flop_share:.1%} of its FLOPs" in ablated["note"] and "channels_last" in " ".join(notes)
+    for row in (ours, bf16, ablated):
+        achieved = 3 * row["GFLOPs / image"] * row["images / s"] / 1e3
+        assert row["TFLOP/s"] == pytest.approx(achieved) and row["share of bf16 peak"] == f"{achieved / 989:.1%}"

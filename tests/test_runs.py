@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import runs
-from test_train import FAST, ROOT, assert_one_line_error, metrics, run, sample
+from test_train import FAST, ROOT, assert_one_line_error, metrics, run, run_here, run_here_ok, sample
 
 COMMON = ["--dataset", "gmm", "--log-every", 10, "--sample-every", 25, "--ckpt-every", 0,
           *[a for a in FAST if a != "--log-every" and a != "10"]]
@@ -118,6 +118,33 @@ def test_a_signal_stops_at_a_checkpoint_and_the_resumed_run_is_the_uninterrupted
     assert f"at step {step}" in resumed.stdout
     run("--out-dir", whole, "--steps", total, *COMMON)
     assert_same_run(stopped, whole)
+
+
+def test_a_figure_that_a_signal_abandons_is_owed_by_the_checkpoint_and_drawn_on_resume(tmp_path, monkeypatch):
+    """The race of the test above, made certain: SIGTERM arrives while the figure of step 25 is drawn. The run stops at
+    step 25 with a checkpoint that owes the figure, and the resumed run draws it before going on, so that it is the
+    run that was never stopped, quality line of step 25 included."""
+    import train
+    abandon = train.abandon_if_stopping
+
+    def signal_midway(done, total):
+        if done == 3:
+            train.STOP["signal"] = signal.SIGTERM  # what on_signal records
+        abandon(done, total)
+
+    monkeypatch.setattr(train, "abandon_if_stopping", signal_midway)
+    monkeypatch.setitem(train.STOP, "signal", 0)
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    result = run_here("--out-dir", stopped, "--steps", 40, *COMMON)
+    assert result.returncode == 128 + signal.SIGTERM and "stopped at step 25 by SIGTERM" in result.stderr
+    ckpt = torch.load(stopped / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 25 and ckpt["figure_owed"] and not any("mmd" in line for line in metrics(stopped))
+    train.STOP["signal"] = 0
+    monkeypatch.setattr(train, "abandon_if_stopping", abandon)
+    run_here_ok("--out-dir", stopped, "--steps", 40, *COMMON)
+    run_here_ok("--out-dir", whole, "--steps", 40, *COMMON)
+    assert_same_run(stopped, whole)
+    assert [line["step"] for line in metrics(whole) if "mmd" in line] == [25, 40]
 
 
 def test_the_unlogged_losses_of_a_checkpoint_carry_over(tmp_path):

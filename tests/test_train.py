@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+import runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--device", "cpu", "--batch-size", "64", "--n-sigmas", "8", "--n-steps-each", "4", "--log-every", "10"]
 
@@ -87,7 +89,8 @@ def test_gmm_end_to_end_loss_falls_and_writes_samples_and_checkpoint(tmp_path):
     assert abs(sum(quality["mode_weights"]) + quality["diverged"] - 1) < 1e-6
     assert "mode_weights" in result.stdout + result.stderr
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "rng", "interval"} and ckpt["step"] == 200
+    assert set(ckpt) == {"model", "ema", "optimizer", "step", "config", "rng", "interval", "figure_owed"}
+    assert ckpt["step"] == 200 and ckpt["figure_owed"] is False
     assert ckpt["config"]["dataset"] == "gmm" and len(ckpt["config"]["sigmas"]) == 8
 
 
@@ -230,6 +233,91 @@ def test_bf16_switch_on_cpu_trains(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in metrics(out))
 
 
+def cpu_flags():
+    """The CPU's feature flags as Linux lists them (/proc/cpuinfo), or None elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(re.search(r"^(?:flags|Features)\s*:(.*)$", f.read(), re.MULTILINE).group(1).split())
+    except (OSError, AttributeError):
+        return None
+
+
+def test_native_bf16_is_read_from_the_cpu():
+    """runs.cpu_has_native_bf16 (train.py's and sample.py's test) agrees with the flags the kernel reports: avx512_bf16
+    or amx_bf16 on x86, bf16 on Arm (Linux's names; AVX10 CPUs list avx512_bf16 too)."""
+    flags = cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags to check against")
+    assert runs.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "bf16", "svebf16"})
+
+
+def linear_output_dtypes(*args):
+    """Run train.py's main(args) in-process; the dtypes of every nn.Linear output the run computed (its network's)."""
+    seen = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: seen.add(output.dtype) if isinstance(module, torch.nn.Linear) else None)
+    try:
+        return run_here_ok(*args), seen
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_runs_in_bf16_with_native_bf16_else_in_fp32_with_a_note(tmp_path, monkeypatch, native):
+    """--precision bf16 on a CPU: the network's layers compute in bf16 where the CPU has bf16 arithmetic; where it
+    would only be emulated (slower than fp32), the run says so in one line and trains in fp32. The checkpoint keeps
+    the bf16 asked for, which a machine with bf16 honours on resume."""
+    monkeypatch.setattr(runs, "cpu_has_native_bf16", lambda: native)
+    out = tmp_path / "run"
+    result, dtypes = linear_output_dtypes("--dataset", "gmm", "--precision", "bf16", "--out-dir", out, "--steps", 3,
+                                          "--sample-every", 0, *FAST)
+    assert dtypes == ({torch.bfloat16} if native else {torch.float32})
+    notes = [line for line in result.stderr.splitlines() if "native bf16" in line]
+    assert len(notes) == (0 if native else 1) and (native or "training in fp32" in notes[0]), result.stderr
+    assert ("bf16 autocast" if native else ", fp32,") in result.stdout
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["precision"] == "bf16"
+
+
+def test_adam_is_fused_on_cuda_and_cpu_and_its_state_moves_between_fused_and_unfused(capsys):
+    """train.adam is fused on cuda and cpu (torch's default elsewhere). A checkpoint's Adam state loads into either
+    kind (load_optimizer keeps this run's kind): a fused run resumed fused continues bit for bit, and across kinds the
+    continuation is the uninterrupted run's to float rounding, with a note."""
+    import train
+    config = dict(lr=1e-2, adam_eps=1e-8)
+    fused = {kind: train.adam(torch.nn.Linear(2, 2), config, torch.device(kind)).param_groups[0]["fused"]
+             for kind in ("cuda", "cpu", "mps")}
+    assert fused == {"cuda": True, "cpu": True, "mps": None}
+
+    def steps(model, optimizer, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(n):
+            loss = model(torch.randn(64, 3, generator=g)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    def trained(first, then):  # 5 steps with one kind, through a checkpoint, 5 with the other
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+        optimizer = train.adam(model, config, torch.device(first))
+        steps(model, optimizer, 5, seed=1)
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        resumed = train.adam(model, config, torch.device(then))
+        train.load_optimizer(resumed, torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), rank=0)
+        assert resumed.param_groups[0]["fused"] == fused[then]  # this run's kind, not the checkpoint's
+        assert all(state["step"] == 5 for state in resumed.state.values())
+        steps(model, resumed, 5, seed=2)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    whole = trained("cpu", "cpu")
+    capsys.readouterr()
+    assert torch.equal(trained("cpu", "cpu"), whole) and "note" not in capsys.readouterr().out
+    for first, then in (("cpu", "mps"), ("mps", "cpu")):
+        torch.testing.assert_close(trained(first, then), whole, rtol=1e-5, atol=1e-6)
+        assert "continuation matches to float rounding" in capsys.readouterr().out
+
+
 def test_compile_with_a_second_order_objective_says_why_and_runs_uncompiled(tmp_path):
     out = tmp_path / "ssm"
     result = run("--dataset", "gmm", "--objective", "ssm", "--compile", "--out-dir", out, "--steps", 10,
@@ -325,7 +413,7 @@ def test_grad_clip_bounds_the_global_norm_and_zero_leaves_gradients_alone():
         train.optimizer_step(optimizer, model, dict(config, grad_clip=clip), step=0)
         after = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
         assert before > 1
-        assert after == pytest.approx(expected if expected else before, rel=1e-5)
+        assert float(after) == pytest.approx(float(expected or before), rel=1e-5)
     assert [train.learning_rate(dict(lr=2.0, warmup=4), s) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
 
 
