@@ -599,46 +599,59 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, sett
 # ---- 5. Sampling the CIFAR-10 preset ---------------------------------------------------------------------------
 
 def bench_sampling(device, quick):
-    """Images/s of the CIFAR-10 preset's annealed chain (notes §9; NCSNv2: L = 232, T = 5, final denoising)."""
+    """Images/s of the CIFAR-10 preset's annealed chain (notes §9; NCSNv2: L = 232, T = 5, final denoising), in fp32
+    and in bf16 (ncsn.sample's precision: the network in bf16 autocast, the chain in fp32), and on a GPU also with
+    and without CUDA graphs; with the time that 50,000 samples (FID's protocol) would take."""
     gpu = device.type == "cuda"
-    batch = 100 if gpu else (2 if quick else 8)
+    batch = 500 if gpu else (2 if quick else 8)
     torch.manual_seed(0)
     model = ncsn.NCSN().to(device).eval()
     sigmas = ncsn.geometric_sigmas(CIFAR10["sigma_max"], CIFAR10["sigma_min"], CIFAR10["n_sigmas"])
     n_steps_each = CIFAR10["n_steps_each"]
     full_chain = len(sigmas) * n_steps_each + 1
-    # The evaluations timed: the whole chain on a GPU (but --quick), else the first level(s) of it.
-    n_levels = len(sigmas) if gpu and not quick else 10 if gpu else 1
-    whole = n_levels == len(sigmas)
-    n_evals = n_levels * n_steps_each + whole
+    # The evaluations timed: the first level(s) of the chain; the whole chain is that many times longer.
+    n_levels = (2 if quick else 10) if gpu else 1
+    n_evals = n_levels * n_steps_each
     generator = torch.Generator(device).manual_seed(0)
+    bf16 = gpu or runs.cpu_has_native_bf16()  # emulated bf16 is slower than fp32: not a row worth timing
+    variants = {"fp32": ("fp32", False)}  # name: (precision, CUDA graphs)
+    if bf16:
+        variants["bf16"] = ("bf16", False)
+    if gpu:
+        variants["bf16 + CUDA graphs"] = ("bf16", True)
 
-    def chain(precision, levels, steps_each):
+    def chain(precision, graph, levels, steps_each):
         def run():
-            with autocast(device, precision):
-                ncsn.sample(model, (batch, 3, 32, 32), sigmas[:levels], steps_each, CIFAR10["step_size"],
-                            denoise=levels == len(sigmas), generator=generator)
+            ncsn.sample(model, (batch, 3, 32, 32), sigmas[:levels], steps_each, CIFAR10["step_size"], denoise=False,
+                        generator=generator, precision=precision, cuda_graph=graph)
         return run
 
-    precisions = ("fp32", "bf16 autocast") if gpu else ("fp32",)
-    for precision in precisions:  # warmup: a few evaluations each
-        chain(precision.split()[0], 1, 1)()
-    runs = {p: chain(p.split()[0], n_levels, n_steps_each) for p in precisions}
-    medians, rounds = interleaved_medians(runs, device, repeats=2 if gpu else 1, warmup=0)
+    for precision, graph in variants.values():  # warmup: a few evaluations each (and a graph's capture)
+        chain(precision, graph, 1, 2)()
+    fns = {name: chain(precision, graph, n_levels, n_steps_each) for name, (precision, graph) in variants.items()}
+    medians, info, _ = agreeing_medians(fns, device, rounds=2, max_rounds=5,
+                                        budget_s=120, warmup=0)
     rows = []
-    for precision in precisions:
-        per_eval = medians[precision] / n_evals
+    for name in variants:
+        per_eval = medians[name] / n_evals
         chain_s = per_eval * full_chain
-        rows.append({"precision": precision, "batch": batch, "ms / evaluation": 1e3 * per_eval,
-                     "full chain s": chain_s, "images / s": batch / chain_s,
-                     "time / fp32": medians[precision] / medians["fp32"],
-                     "note": "whole chain" + (f", median of {rounds}" if rounds > 1 else "") if whole else
-                             f"extrapolated from {n_evals} evaluations"})
+        rows.append({"variant": name, "batch": batch, "ms / evaluation": 1e3 * per_eval, "full chain s": chain_s,
+                     "images / s": batch / chain_s, "50,000 images min": 50_000 / (batch / chain_s) / 60,
+                     "time / fp32": medians[name] / medians["fp32"],
+                     "note": f"{n_evals} evaluations timed; " + agreement_note(info)})
     notes = [f"ncsn.NCSN() default in eval mode, ncsn.sample with the preset: sigmas {CIFAR10['sigma_max']:g} -> "
              f"{CIFAR10['sigma_min']:g} in {len(sigmas)} levels, T = {n_steps_each}, final denoising: "
-             f"{full_chain} evaluations per chain."]
-    if not gpu:
-        notes.append(f"on the CPU at batch {batch}, not 100; bf16 is measured on CUDA only.")
+             f"{full_chain} evaluations per chain, extrapolated from the first {n_levels} level(s)."]
+    if "bf16" in variants:
+        notes.append(f"bf16 / fp32 speed-up {medians['fp32'] / medians['bf16']:.2f}"
+                     + ("" if gpu else " (goal on a CPU with native bf16: >= 1.7)"))
+    if gpu:
+        minutes = rows[-1]["50,000 images min"]
+        notes.append(f"50,000 samples with bf16 + CUDA graphs: {minutes:.1f} min on this card (goal on one H100: "
+                     f"<= 30); CUDA graphs / none in bf16 {medians['bf16'] / medians['bf16 + CUDA graphs']:.2f}x")
+    else:
+        notes.append(f"on the CPU at batch {batch}, not 500" + ("" if bf16 else "; this CPU has no native bf16, so "
+                                                                 "bf16 (which would be emulated) is not timed"))
     return rows, notes
 
 
