@@ -22,7 +22,6 @@ import hashlib
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torch_fidelity
@@ -225,20 +224,3 @@ def nearest_distances(images, reference, batch_size=1024, device="cpu"):
         x = images[start:start + batch_size].flatten(1).to(device, torch.float32) / 255  # (b, D)
         out.append(torch.cdist(x, ref).min(1).values.cpu())  # (b,)
     return torch.cat(out)
-
-
-def print_table(rows, file=sys.stdout):
-    """rows: dicts with the same keys -> a markdown table."""
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |", file=file)
-    print("|" + "---|" * len(keys), file=file)
-    for row in rows:
-        print("| " + " | ".join(_cell(row[k]) for k in keys) + " |", file=file)
-
-
-def _cell(value):
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, np.ndarray):
-        return " ".join(f"{v:.0%}" for v in value)
-    return str(value)
