@@ -144,8 +144,9 @@ def parse_args(argv=None):
         p.error("--fid scores plain samples; it does not go with --inpaint or --interpolate")
     if args.precision != "fp32" and (args.inpaint is not None or args.interpolate is not None):
         p.error("--precision applies to plain samples; --inpaint and --interpolate run in fp32")
-    if args.baselines and args.every_checkpoint:
-        p.error("--baselines and --every-checkpoint are separate runs; give one")
+    if args.every_checkpoint and (args.baselines or args.data_init):
+        p.error("--every-checkpoint draws from the prior and scores alone; it does not go with --baselines or "
+                "--data-init")
     if args.completions is not None and args.inpaint is None:
         p.error("--completions goes with --inpaint")
     args.completions = args.completions or 4

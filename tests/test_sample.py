@@ -187,6 +187,8 @@ def test_fid_without_weights_or_network_is_refused_before_sampling(image_run, tm
     assert "go with --fid" in in_process(capsys, monkeypatch, "--out-dir", out, "--baselines")
     assert "does not go with --inpaint" in in_process(capsys, monkeypatch, "--out-dir", out, "--fid", "--inpaint",
                                                       "center")
+    assert "does not go with --baselines or --data-init" in in_process(capsys, monkeypatch, "--out-dir", out, "--fid",
+                                                                      "--every-checkpoint", "--data-init")
 
 
 def test_every_checkpoint_scores_each_step_once_and_names_the_best(image_run, tmp_path, monkeypatch, capsys):
