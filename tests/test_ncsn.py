@@ -394,6 +394,7 @@ def test_attention_runs_on_a_fused_kernel_in_either_layout_and_agrees_with_the_m
         fused = attention(x)
     torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
     assert (fused - x).abs().max() > 0.1  # the attention did something
+    assert fused.is_contiguous(memory_format=layout)  # the block runs in channels_last, the output keeps x's layout
 
 
 # ---- the sampler (notes §9) ----------------------------------------------------------------------------------
