@@ -205,7 +205,12 @@ def check_finite(samples, what):
 
 def as_uint8(images):
     """(..., C, H, W) in [0, 1] -> (..., H, W, C) uint8 numpy, x * 255 rounded: the format FID tools read."""
-    return rearrange((images * 255).round().to(torch.uint8).cpu(), "... c h w -> ... h w c").numpy()
+    return rearrange(as_uint8_chw(images), "... c h w -> ... h w c").numpy()
+
+
+def as_uint8_chw(images):
+    """(..., C, H, W) in [0, 1] -> uint8 (..., C, H, W) on the CPU, x * 255 rounded (as samples.npz holds them)."""
+    return (images * 255).round().to(torch.uint8).cpu()
 
 
 def save_npz(path, **arrays):
@@ -405,11 +410,6 @@ def score(setup, images, device, progress=True):
                                 reference_name=setup["cache_name"], cache_dir=setup["cache_dir"], progress=progress)
     except quality.QualityError as e:
         raise RunError(str(e)) from None
-
-
-def as_uint8_chw(images):
-    """(N, C, H, W) in [0, 1] -> uint8 (N, C, H, W) on the CPU, x * 255 rounded (as samples.npz holds them)."""
-    return (images * 255).round().to(torch.uint8).cpu()
 
 
 def record_fid(setup, result, n, step, ckpt_path, out_dir):

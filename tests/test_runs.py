@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import runs
-from test_train import FAST, ROOT, assert_one_line_error, metrics, run, run_here, run_here_ok, sample
+from test_train import FAST, ROOT, assert_one_line_error, metrics, run, run_here, run_here_ok
 
 COMMON = ["--dataset", "gmm", "--log-every", 10, "--sample-every", 25, "--ckpt-every", 0,
           *[a for a in FAST if a != "--log-every" and a != "10"]]
@@ -189,11 +189,10 @@ def test_kill_9_resumes_from_the_last_checkpoint_with_exact_logs(tmp_path):
 def test_out_dir_problems_are_found_before_any_work(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("not a folder")
-    assert_one_line_error(run("--out-dir", a_file, "--steps", 5, *FAST, check=False), "is a file")
-    assert_one_line_error(run("--out-dir", a_file / "below", "--steps", 5, *FAST, check=False), "is a file")
+    assert_one_line_error(run_here("--out-dir", a_file, "--steps", 5, *FAST), "is a file")
+    assert_one_line_error(run_here("--out-dir", a_file / "below", "--steps", 5, *FAST), "is a file")
     if os.path.isdir("/sys"):  # a folder even root cannot write in
-        assert_one_line_error(run("--out-dir", "/sys/no-such-run", "--steps", 5, *FAST, check=False),
-                              "cannot be written")
+        assert_one_line_error(run_here("--out-dir", "/sys/no-such-run", "--steps", 5, *FAST), "cannot be written")
 
 
 def test_leftovers_of_a_crash_are_removed_and_a_stale_lock_is_taken_over(tmp_path):
@@ -223,9 +222,9 @@ def test_damaged_or_foreign_checkpoints_are_refused_in_one_line_and_left_alone(t
     weights that do not fit their config: train.py and sample.py refuse each in one line, and the file stays as it
     was; so does train.py a readable file that is no checkpoint of its, and a checkpoint of another dataset."""
     out = tmp_path / "run"
-    run("--dataset", "gmm", "--out-dir", out, "--steps", 5, "--sample-every", 0, *FAST)
+    run_here_ok("--dataset", "gmm", "--out-dir", out, "--steps", 5, "--sample-every", 0, *FAST)
     good = (out / "checkpoint.pt").read_bytes()
-    assert_one_line_error(run("--dataset", "swissroll", "--out-dir", out, "--steps", 5, *FAST, check=False),
+    assert_one_line_error(run_here("--dataset", "swissroll", "--out-dir", out, "--steps", 5, *FAST),
                           "different dataset")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     weight = ckpt["ema"]["net.0.weight"]
@@ -248,28 +247,32 @@ def test_damaged_or_foreign_checkpoints_are_refused_in_one_line_and_left_alone(t
             runs.load_checkpoint(tmp_path / "damaged.pt", "cpu")
         assert "\n" not in str(error.value), name
     # The scripts turn that error into one line, and the file stays as it was.
-    for script, (damaged, fragment) in ((run, damages["a byte changed"]), (sample, damages["empty"])):
+    for script, (damaged, fragment) in (("train.py", damages["a byte changed"]), ("sample.py", damages["empty"])):
         (out / "checkpoint.pt").write_bytes(damaged)
-        args = ("--out-dir", out, "--steps", 10, *FAST) if script is run else ("--out-dir", out, "--device", "cpu")
-        assert_one_line_error(script(*args, check=False), fragment)
+        args = ("--out-dir", out, "--steps", 10, *FAST) if script == "train.py" else ("--out-dir", out, "--device",
+                                                                                      "cpu")
+        assert_one_line_error(run_here(*args, script=script), fragment)
         assert (out / "checkpoint.pt").read_bytes() == damaged
     torch.save({"model": {}}, out / "checkpoint.pt")  # readable, but not a checkpoint of train.py
-    assert_one_line_error(run("--out-dir", out, "--steps", 10, *FAST, check=False), "not a checkpoint of train.py")
+    assert_one_line_error(run_here("--out-dir", out, "--steps", 10, *FAST), "not a checkpoint of train.py")
 
 
 def test_what_a_run_refuses_or_says(tmp_path):
     """--steps below the checkpoint's step; a fresh run that diverges has no checkpoint to speak of; sample.py's
-    sampler flags are applied and said, and samples that diverge are not written."""
+    sampler flags are applied and said, and samples that diverge are not written. (In this process: no interpreter
+    start-up per run.)"""
     out = tmp_path / "run"
-    run("--dataset", "gmm", "--out-dir", out, "--steps", 20, "--sample-every", 0, *FAST)
-    assert_one_line_error(run("--out-dir", out, "--steps", 10, *FAST, check=False), "--steps 10 is below", "20")
-    fresh = run("--dataset", "gmm", "--out-dir", tmp_path / "fresh", "--steps", 30, "--lr", "1e30",
-                "--sample-every", 0, *FAST, check=False)
+    run_here_ok("--dataset", "gmm", "--out-dir", out, "--steps", 20, "--sample-every", 0, *FAST)
+    assert_one_line_error(run_here("--out-dir", out, "--steps", 10, *FAST), "--steps 10 is below", "20")
+    fresh = run_here("--dataset", "gmm", "--out-dir", tmp_path / "fresh", "--steps", 30, "--lr", "1e30",
+                     "--sample-every", 0, *FAST)
     assert_one_line_error(fresh, "loss is not finite", "no checkpoint was written")
-    said = sample("--out-dir", out, "-n", 8, "--device", "cpu", "--n-steps-each", 2, "--step-size", 2e-5)
-    assert "8 levels x 2 steps of 2e-05" in said.stdout and "n_steps_each 4 -> 2; step_size 1e-05 -> 2e-05" in said.stdout
+    said = run_here_ok("--out-dir", out, "-n", 8, "--device", "cpu", "--n-steps-each", 2, "--step-size", 2e-5,
+                       script="sample.py")
+    assert "8 levels x 2 steps of 2e-05" in said.stdout
+    assert "n_steps_each 4 -> 2; step_size 1e-05 -> 2e-05" in said.stdout
     os.remove(out / "samples.npz")
-    diverged = sample("--out-dir", out, "-n", 8, "--device", "cpu", "--step-size", 1e6, check=False)
+    diverged = run_here("--out-dir", out, "-n", 8, "--device", "cpu", "--step-size", 1e6, script="sample.py")
     last = diverged.stderr.strip().splitlines()[-1]  # after the sampling's progress lines
     assert diverged.returncode == 1 and "Traceback" not in diverged.stderr
     assert last.startswith("sample.py: error: 8 of the 8 samples are not finite") and "nothing was written" in last
