@@ -123,9 +123,10 @@ def parse_args(argv=None):
                         "and its checkpoint.pt, each with -n samples from the same seed, and name the best "
                         "(NCSNv2 chooses its checkpoint so); writes no samples")
     g.add_argument("--data-dir",
-                   help="where the held-out images are found for --inpaint and --data-init, downloaded there if "
-                        "missing as train.py does (default: ./data; the digits need none; for a run on a folder of "
-                        "images, the run's own folder, or where that folder is now if it moved)")
+                   help="where the run's images are found: the held-out ones for --inpaint and --data-init, the "
+                        "training ones for --fid (whose features are cached there, in .ncsn-cache); downloaded there "
+                        "if missing as train.py does (default: ./data; the digits need none; for a run on a folder "
+                        "of images, the run's own folder, or where that folder is now if it moved)")
     args = p.parse_args(argv)
     if args.out_dir is None and args.checkpoint is None:
         p.error("give --out-dir (a run of train.py) or --checkpoint")
