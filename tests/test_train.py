@@ -2,6 +2,7 @@
 switches, several processes under torchrun, one-line errors for bad input, and train() as a flat story."""
 import ast
 import contextlib
+import gc
 import gzip
 import importlib
 import io
@@ -60,6 +61,9 @@ def run_here(*args, script="train.py"):
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+        # What the script held, its out-dir's lock above all, is freed when its process ends; here an error's
+        # traceback cycle keeps it until the garbage collector runs, which it does now.
+        gc.collect()
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
