@@ -184,9 +184,9 @@ def _prepared_tensors(model, bf16, channels_last):
     return tensors
 
 
-def _network(model, precision, channels_last):
-    """The score function the chain calls: model(x, sigma), its arithmetic in bf16 autocast and/or its layout
-    channels_last as asked, the score returned in the chain's dtype.
+def score_network(model, precision="fp32", channels_last=False):
+    """The score function a chain calls (sample's, or langevin's inpainting and interpolation): model(x, sigma), its
+    arithmetic in bf16 autocast and/or its layout channels_last as asked, the score returned in the chain's dtype.
 
     Only the network changes: the chain (x, the update x + alpha/2 s + sqrt(alpha) z, the noise) keeps its dtype and
     layout, so its noise is drawn in the same order and a seed gives the fp32 chain up to the network's rounding.
@@ -194,6 +194,8 @@ def _network(model, precision, channels_last):
     torch.func.functional_call, which swaps them in for the one call (2 ms per evaluation of the default NCSN on a
     CPU, under 1% of one; nothing under a CUDA graph, which captures it once).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     bf16 = precision == "bf16"
     tensors = _prepared_tensors(model, bf16, channels_last) if isinstance(model, nn.Module) else {}
 
@@ -324,8 +326,6 @@ def sample(model, shape, sigmas, n_steps_each, step_size, denoise=True, generato
     low, high = map(float, data_range)
     if not low < high:
         raise ValueError(f"data_range must be (low, high) with low < high, got {data_range}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     n, event_shape = shape[0], tuple(shape[1:])
     if channels_last and len(event_shape) != 3:
         raise ValueError(f"channels_last needs image samples (N, C, H, W), got shape {tuple(shape)}")
@@ -340,7 +340,7 @@ def sample(model, shape, sigmas, n_steps_each, step_size, denoise=True, generato
         channels_last = is_module and len(event_shape) == 3 and device.type == "cuda"
     if cuda_graph is None:
         cuda_graph = is_module and device.type == "cuda"
-    score_fn = _network(model, precision, channels_last)
+    score_fn = score_network(model, precision, channels_last)
     if cuda_graph:
         score_fn = _per_batch_shape(score_fn, capture=device.type == "cuda")
     was_training = model.training if is_module else None

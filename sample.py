@@ -85,9 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--step-size", type=float, help="step size at the smallest sigma, in the notes' convention "
                                                    "x + eps/2 s + sqrt(eps) z (default: the checkpoint's)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="the network's arithmetic for plain samples: bf16 runs it under bf16 autocast while the chain "
-                        "stays fp32 (ncsn.sample's precision), faster on GPUs and on CPUs with native bf16; a device "
-                        "without (or one that would only emulate it) samples in fp32 with a note (default: fp32)")
+                   help="the network's arithmetic: bf16 runs it under bf16 autocast while the chain stays fp32 "
+                        "(ncsn.score_network), faster on GPUs and on CPUs with native bf16; a device without (or one "
+                        "that would only emulate it) samples in fp32 with a note (default: fp32)")
     p.add_argument("--data-init", action="store_true",
                    help="start each chain at a held-out image plus sigma_1 noise instead of the uniform prior "
                         "(NCSNv2's data_init, which takes training images); image runs only")
@@ -143,8 +143,6 @@ def parse_args(argv=None):
         p.error("--fid-weights, --baselines and --every-checkpoint go with --fid")
     if args.fid and (args.inpaint is not None or args.interpolate is not None):
         p.error("--fid scores plain samples; it does not go with --inpaint or --interpolate")
-    if args.precision != "fp32" and (args.inpaint is not None or args.interpolate is not None):
-        p.error("--precision applies to plain samples; --inpaint and --interpolate run in fp32")
     if args.every_checkpoint and (args.baselines or args.data_init):
         p.error("--every-checkpoint draws from the prior and scores alone; it does not go with --baselines or "
                 "--data-init")
@@ -295,7 +293,8 @@ def inpaint(args, model, config, out_dir, device):
     hidden = 1 - masks.mean().item()
     print(f"inpainting {n} held-out images of {config['dataset']}, {hidden:.0%} of the pixels hidden "
           f"({kind}), {m} completions each")
-    completions = inpaint_chains(model, config, known, mask, generator, args.batch_size, "inpaint")
+    score_fn = ncsn.score_network(model, runs.usable_precision(args.precision, device, "sampling"))
+    completions = inpaint_chains(score_fn, config, known, mask, generator, args.batch_size, "inpaint")
     completions = completions.clamp(low, high).cpu().unflatten(0, (n, m))  # (n, m, C, H, W)
     check_finite(completions.flatten(0, 1), "completions")
     shown = images.expand(-1, 3, -1, -1)  # in colour, so that hidden pixels stand out even on grey images
@@ -310,8 +309,9 @@ def inpaint(args, model, config, out_dir, device):
     return path
 
 
-def inpaint_chains(model, config, known, mask, generator, batch_size, desc):
-    """annealed_langevin_inpainting on chunks of at most batch_size chains, each from the uniform prior."""
+def inpaint_chains(score_fn, config, known, mask, generator, batch_size, desc):
+    """annealed_langevin_inpainting of score_fn(x, sigma) on chunks of at most batch_size chains, each from the
+    uniform prior."""
     low, high = config["data_range"]
     sigmas, n_steps_each, step_size = config["sigmas"], config["n_steps_each"], config["step_size"]
     total = math.ceil(len(known) / batch_size) * (len(sigmas) * n_steps_each + 1)  # network evaluations
@@ -320,7 +320,7 @@ def inpaint_chains(model, config, known, mask, generator, batch_size, desc):
         for start in range(0, len(known), batch_size):
             part = slice(start, start + batch_size)
             x = low + (high - low) * torch.rand(known[part].shape, generator=generator, device=known.device)
-            chunks.append(annealed_langevin_inpainting(model, x, known[part], mask[part], sigmas, step_size,
+            chunks.append(annealed_langevin_inpainting(score_fn, x, known[part], mask[part], sigmas, step_size,
                                                        n_steps_each, generator=generator,
                                                        callback=lambda step, y: bar.update(1)))
     return torch.cat(chunks)
@@ -334,6 +334,7 @@ def interpolate(args, model, config, out_dir, device):
     low, high = config["data_range"]
     sigmas, n_steps_each, step_size = config["sigmas"], config["n_steps_each"], config["step_size"]
     generator = torch.Generator(device).manual_seed(args.seed)
+    score_fn = ncsn.score_network(model, runs.usable_precision(args.precision, device, "sampling"))
     rows_per_batch = max(1, args.batch_size // k)
     print(f"interpolating: {rows} rows of {k} chains, a = 0 .. pi/2")
     total = math.ceil(rows / rows_per_batch) * (len(sigmas) * n_steps_each + 1)
@@ -342,7 +343,7 @@ def interpolate(args, model, config, out_dir, device):
         for start in range(0, rows, rows_per_batch):
             chunk = min(rows_per_batch, rows - start)
             x = low + (high - low) * torch.rand((chunk, *config["shape"]), generator=generator, device=device)
-            chunks.append(annealed_langevin_interpolation(model, x, sigmas, step_size, n_steps_each, k,
+            chunks.append(annealed_langevin_interpolation(score_fn, x, sigmas, step_size, n_steps_each, k,
                                                           generator=generator, callback=lambda step, y: bar.update(1)))
     chains = torch.cat(chunks).clamp(low, high).cpu()  # (rows, k, C, H, W)
     check_finite(chains.flatten(0, 1), "chains")

@@ -574,7 +574,7 @@ def test_a_failed_cuda_graph_capture_samples_without_it_after_one_note(capsys):
     """Where capture fails (here: CPU tensors), the chain runs the plain evaluation, with a single note on stderr
     for all the batch shapes that follow."""
     model, _ = _probe_net()
-    network = ncsn._network(model, "fp32", False)
+    network = ncsn.score_network(model, "fp32", False)
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     run = lambda score_fn, x: annealed_langevin_dynamics(score_fn, x, [1.0, 0.5], 1e-2, 1,  # noqa: E731
                                                          generator=torch.Generator().manual_seed(1))

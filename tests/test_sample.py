@@ -38,9 +38,17 @@ def test_inpaint_completes_held_out_images_and_keeps_the_known_pixels(image_run,
             "--completions", 2, "--batch-size", 4, "--data-dir", data_dir, "--device", "cpu"]
     if spec == "right-half":  # one end to end, as a user runs it
         assert "inpaint: 100% 10/10" in sample(*args).stderr  # chunks of 4 + 2 chains, 4 levels x 1 step + denoise
-    else:  # the others in this process, which saves an interpreter's start-up
+    else:  # the others in this process, which saves an interpreter's start-up; one with the network in bf16
+        bf16 = spec.startswith("random") and sample_py.runs.cpu_has_native_bf16()
         monkeypatch.setattr(sample_py.signal, "signal", lambda *a: None)  # leave pytest's SIGTERM handler
-        sample_py.main([str(a) for a in args])
+        dtypes = set()
+        hook = torch.nn.modules.module.register_module_forward_hook(
+            lambda module, inputs, output: dtypes.add(output.dtype) if isinstance(module, torch.nn.Conv2d) else None)
+        try:
+            sample_py.main([str(a) for a in args] + (["--precision", "bf16"] if bf16 else []))
+        finally:
+            hook.remove()
+        assert dtypes == {torch.bfloat16 if bf16 else torch.float32}
     arrays = np.load(tmp_path / "inpainting.npz")
     originals, masks, completions = arrays["originals"], arrays["masks"], arrays["completions"]
     assert originals.shape == (3, 28, 28, 1) and masks.shape == (3, 28, 28) and completions.shape == (3, 2, 28, 28, 1)
