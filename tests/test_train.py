@@ -145,7 +145,7 @@ def test_image_sets_train_and_sample_py_writes_uint8_npz(tmp_path, dataset):
     run("--dataset", dataset, "--data-dir", data_dir, "--out-dir", out, "--steps", 2, "--batch-size", 4,
         "--channels", 8, "--n-sigmas", 4, "--n-steps-each", 1, "--sample-every", 2, "--device", "cpu")
     assert (out / "samples" / "step_0000002.png").exists()
-    result = sample("--out-dir", out, "-n", 6, "--batch-size", 4, "--device", "cpu")
+    result = run_here_ok("--out-dir", out, "-n", 6, "--batch-size", 4, "--device", "cpu", script="sample.py")
     samples = np.load(out / "samples.npz")["arr_0"]
     shape = {"cifar10": (6, 32, 32, 3), "mnist": (6, 28, 28, 1), "digits": (6, 8, 8, 1)}[dataset]
     assert samples.dtype == np.uint8 and samples.shape == shape, result.stdout
@@ -179,7 +179,7 @@ def test_sample_py_on_2d_data_writes_float_points_from_the_ema_weights(tmp_path)
     ncsn.sample run by hand on the EMA network, and a --checkpoint elsewhere writes into --out-dir."""
     out = tmp_path / "swiss"
     run("--dataset", "swissroll", "--out-dir", out, "--steps", 10, "--sample-every", 0, "--ema-decay", "0.5", *FAST)
-    sample("--out-dir", out, "-n", 50, "--batch-size", 20, "--device", "cpu", "--seed", 3)
+    run_here_ok("--out-dir", out, "-n", 50, "--batch-size", 20, "--device", "cpu", "--seed", 3, script="sample.py")
     samples = np.load(out / "samples.npz")["arr_0"]
     assert samples.shape == (50, 2) and samples.dtype == np.float32 and np.isfinite(samples).all()
     import ncsn
@@ -195,8 +195,8 @@ def test_sample_py_on_2d_data_writes_float_points_from_the_ema_weights(tmp_path)
         assert np.array_equal(by_hand.numpy(), samples) == same, weights
         assert runs.build_model(config).load_state_dict(ckpt[weights])  # the config describes this network
     elsewhere = tmp_path / "elsewhere"
-    sample("--checkpoint", out / "checkpoint.pt", "--out-dir", elsewhere, "-n", 50, "--batch-size", 20,
-           "--device", "cpu", "--seed", 3)
+    run_here_ok("--checkpoint", out / "checkpoint.pt", "--out-dir", elsewhere, "-n", 50, "--batch-size", 20,
+                "--device", "cpu", "--seed", 3, script="sample.py")
     assert np.array_equal(np.load(elsewhere / "samples.npz")["arr_0"], samples)
 
 
