@@ -249,10 +249,19 @@ def is_image_run(config):
 
 
 SPLITS = {  # the training and held-out images of each image set, by train=True / False (a folder's: run_images)
-    "cifar10": lambda data_dir, train: data.load_cifar10(data_dir or "./data", train=train),
-    "mnist": lambda data_dir, train: data.load_mnist(data_dir or "./data", train=train),
+    "cifar10": lambda data_dir, train: data.load_cifar10(data_dir, train=train),
+    "mnist": lambda data_dir, train: data.load_mnist(data_dir, train=train),
     "digits": lambda data_dir, train: data.load_digits(train=train),
 }
+
+
+def images_dir(config, data_dir):
+    """The folder of a run's images: for a run on a folder, data_dir if given (the folder moved), else the folder it
+    trained on; otherwise data_dir, else ./data (train.py's default)."""
+    folder = config.get("data")
+    if folder:
+        return os.path.abspath(data_dir) if data_dir else folder["path"]
+    return data_dir or "./data"
 
 
 def run_images(config, data_dir, train=False):
@@ -263,7 +272,7 @@ def run_images(config, data_dir, train=False):
     which = "training" if train else "held-out"
     folder = config.get("data")
     if folder:
-        path = os.path.abspath(data_dir) if data_dir else folder["path"]
+        path = images_dir(config, data_dir)
         if not folder["held_out"] and not train:
             raise RunError(f"the run on {folder['path']} held out no images (--held-out 0, or a folder of fewer "
                            "than 10); nothing to use")
@@ -280,7 +289,7 @@ def run_images(config, data_dir, train=False):
     if config["dataset"] not in SPLITS:
         raise RunError(f"no {which} images of {config['dataset']} are known")
     try:
-        return SPLITS[config["dataset"]](data_dir, train)
+        return SPLITS[config["dataset"]](images_dir(config, data_dir), train)
     except data.DataError as e:
         raise RunError(f"{e} (the {which} images; --data-dir points at them)") from None
 

@@ -375,12 +375,14 @@ def fid_setup(args, config, device, scratch):
         weights = None if config["dataset"] == "digits" else quality.inception_weights(args.fid_weights)
     except quality.QualityError as e:
         raise RunError(str(e)) from None
-    reference = runs.run_images(config, args.data_dir, train=True)
+    if config["dataset"] == "digits":  # the training digits, read once with the labels the classifier learns
+        reference, labels = data.load_digits(train=True, labels=True)
+    else:
+        reference = runs.run_images(config, args.data_dir, train=True)
     setup = dict(quality=quality, reference=reference, classifier=None, cache_dir=None, cache_name=None)
     if config["dataset"] == "digits":  # Inception sees an 8x8 digit as a blur: a digit classifier's features instead
         print("training the digit classifier whose features score the digits")
-        images, labels = data.load_digits(train=True, labels=True)
-        classifier = quality.train_digit_classifier(images, labels, seed=args.seed)
+        classifier = quality.train_digit_classifier(reference, labels, seed=args.seed)
         held_out, held_out_labels = data.load_digits(train=False, labels=True)
         accuracy = (quality.classify(classifier, held_out) == held_out_labels).float().mean().item()
         weights = os.path.join(scratch, "digit_classifier.pt")
@@ -389,8 +391,7 @@ def fid_setup(args, config, device, scratch):
                     space=f"a digit classifier's features ({accuracy:.1%} right on the held-out digits)")
     setup.update(features=quality.INCEPTION, weights=weights, space="Inception features")
     folder = config.get("data")
-    cache_dir = os.path.join(os.path.abspath(args.data_dir) if args.data_dir else folder["path"], data.FOLDER_CACHE) \
-        if folder else os.path.join(args.data_dir or "./data", data.FOLDER_CACHE)
+    cache_dir = os.path.join(runs.images_dir(config, args.data_dir), data.FOLDER_CACHE)
     try:  # beside the data; a folder that cannot be written gets no cache
         os.makedirs(cache_dir, exist_ok=True)
         writable = os.access(cache_dir, os.W_OK)
