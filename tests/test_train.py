@@ -389,6 +389,24 @@ def test_resume_keeps_the_runs_settings_unless_a_flag_changes_them(tmp_path):
     assert config["lr"] == 1e-4 and len(config["sigmas"]) == 8 and config["steps"] == 20
 
 
+def test_the_same_command_again_resumes_although_its_levels_are_recomputed(tmp_path):
+    """Rerunning a run's own command with more --steps resumes it: the levels that --n-sigmas recomputes from the
+    checkpoint's float32 endpoints (here sigma_min 0.01) differ from the saved ones in the last bit only, which is no
+    change of the run; another --n-sigmas is one."""
+    write_cifar_folder(tmp_path / "data", n=8)
+    command = ["--dataset", "cifar10", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "run", "--device",
+               "cpu", "--batch-size", 2, "--channels", 8, "--n-sigmas", 10, "--n-steps-each", 1, "--sample-every", 0]
+    run_here_ok(*command, "--steps", 1)
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]["sigmas"]
+    import ncsn
+    assert ncsn.geometric_sigmas(saved[0], saved[-1], 10).tolist() != saved  # the last bit does move
+    result = run_here_ok(*command, "--steps", 2)
+    assert "at step 1" in result.stdout
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]["sigmas"] == saved
+    changed = [a if a != 10 else 11 for a in command]
+    assert_one_line_error(run_here(*changed, "--steps", 3), "was trained with a different sigmas")
+
+
 def test_warmup_and_grad_clip_are_kept_by_the_checkpoint_and_resume_exactly(tmp_path):
     """--warmup W raises the logged lr as lr (step + 1) / W; --grad-clip and --warmup live in the checkpoint's config,
     and a run extended from its checkpoint ends with the weights of the same run made in one go."""
