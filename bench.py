@@ -601,7 +601,7 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, sett
 def bench_sampling(device, quick):
     """Images/s of the CIFAR-10 preset's annealed chain (notes §9; NCSNv2: L = 232, T = 5, final denoising), in fp32
     and in bf16 (ncsn.sample's precision: the network in bf16 autocast, the chain in fp32), and on a GPU also with
-    and without CUDA graphs; with the time that 50,000 samples (FID's protocol) would take."""
+    CUDA graphs, uncompiled and compiled; with the time that 50,000 samples (FID's protocol) would take."""
     gpu = device.type == "cuda"
     batch = 500 if gpu else (2 if quick else 8)
     torch.manual_seed(0)
@@ -614,21 +614,31 @@ def bench_sampling(device, quick):
     n_evals = n_levels * n_steps_each
     generator = torch.Generator(device).manual_seed(0)
     bf16 = gpu or runs.cpu_has_native_bf16()  # emulated bf16 is slower than fp32: not a row worth timing
-    variants = {"fp32": ("fp32", False)}  # name: (precision, CUDA graphs)
+    variants = {"fp32": ("fp32", False, False)}  # name: (precision, CUDA graphs, torch.compile)
     if bf16:
-        variants["bf16"] = ("bf16", False)
+        variants["bf16"] = ("bf16", False, False)
     if gpu:
-        variants["bf16 + CUDA graphs"] = ("bf16", True)
+        variants["bf16 + CUDA graphs"] = ("bf16", True, False)
+        variants["bf16 + compile + CUDA graphs"] = ("bf16", True, True)
 
-    def chain(precision, graph, levels, steps_each):
+    def chain(score_fn, levels, steps_each):
+        """ncsn.sample's chunk: a uniform prior draw and the annealed chain, on score_fn (built once per variant, as
+        one sample call builds it: its compiling and capture happen in the warmup, not in the rounds timed)."""
+        @torch.no_grad()
         def run():
-            ncsn.sample(model, (batch, 3, 32, 32), sigmas[:levels], steps_each, CIFAR10["step_size"], denoise=False,
-                        generator=generator, precision=precision, cuda_graph=graph)
+            x = torch.rand((batch, 3, 32, 32), generator=generator, device=device)
+            annealed_langevin_dynamics(score_fn, x, sigmas[:levels], CIFAR10["step_size"], steps_each, denoise=False,
+                                       generator=generator)
         return run
 
-    for precision, graph in variants.values():  # warmup: a few evaluations each (and a graph's capture)
-        chain(precision, graph, 1, 2)()
-    fns = {name: chain(precision, graph, n_levels, n_steps_each) for name, (precision, graph) in variants.items()}
+    networks, compile_s = {}, None
+    for name, (precision, graph, compiled) in variants.items():  # warmup: a few evaluations (capture, compiling)
+        networks[name] = ncsn.chain_network(model, device, True, precision, cuda_graph=graph, compile=compiled)
+        start = time.perf_counter()
+        chain(networks[name], 1, 2)()
+        if compiled:
+            compile_s = time.perf_counter() - start
+    fns = {name: chain(network, n_levels, n_steps_each) for name, network in networks.items()}
     medians, info, _ = agreeing_medians(fns, device, rounds=2, max_rounds=5,
                                         budget_s=120, warmup=0)
     rows = []
@@ -639,7 +649,8 @@ def bench_sampling(device, quick):
                      "images / s": batch / chain_s, "50,000 images min": 50_000 / (batch / chain_s) / 60,
                      "time / fp32": medians[name] / medians["fp32"],
                      "note": f"{n_evals} evaluations timed; " + agreement_note(info)})
-    notes = [f"ncsn.NCSN() default in eval mode, ncsn.sample with the preset: sigmas {CIFAR10['sigma_max']:g} -> "
+    notes = [f"ncsn.NCSN() default in eval mode, ncsn.sample's chain (ncsn.chain_network, each variant's built once, "
+             f"as one sample call builds it) with the preset: sigmas {CIFAR10['sigma_max']:g} -> "
              f"{CIFAR10['sigma_min']:g} in {len(sigmas)} levels, T = {n_steps_each}, final denoising: "
              f"{full_chain} evaluations per chain, extrapolated from the first {n_levels} level(s)."]
     if "bf16" in variants:
@@ -647,8 +658,11 @@ def bench_sampling(device, quick):
                      + ("" if gpu else " (goal on a CPU with native bf16: >= 1.7)"))
     if gpu:
         minutes = rows[-1]["50,000 images min"]
-        notes.append(f"50,000 samples with bf16 + CUDA graphs: {minutes:.1f} min on this card (goal on one H100: "
-                     f"<= 30); CUDA graphs / none in bf16 {medians['bf16'] / medians['bf16 + CUDA graphs']:.2f}x")
+        graphs, compiled = medians["bf16 + CUDA graphs"], medians["bf16 + compile + CUDA graphs"]
+        notes.append(f"50,000 samples with bf16 + compile + CUDA graphs: {minutes:.1f} min on this card (goal on one "
+                     f"H100: <= 30); in bf16, CUDA graphs / none {medians['bf16'] / graphs:.2f}x, compile + CUDA "
+                     f"graphs / CUDA graphs {graphs / compiled:.2f}x; compiling and capturing took {compile_s:.0f} s "
+                     "once (sample.py --compile)")
     else:
         notes.append(f"on the CPU at batch {batch}, not 500" + ("" if bf16 else "; this CPU has no native bf16, so "
                                                                  "bf16 (which would be emulated) is not timed"))

@@ -300,14 +300,15 @@ def heldout_images(config, data_dir):
 
 
 def draw_samples(model, config, n, generator, progress=False, batch_size=None, callback=None, init=None,
-                 precision="fp32"):
+                 precision="fp32", compile=False):
     """n samples (n, *shape) of the run's annealed Langevin sampler (notes §9), clamped to its data range; from the
-    uniform prior, or from init + sigma_1 noise (ncsn.sample's data_init); the network in `precision`."""
+    uniform prior, or from init + sigma_1 noise (ncsn.sample's data_init); the network in `precision`, compiled if
+    asked (ncsn.sample's compile)."""
     device = next(model.parameters()).device
     return ncsn.sample(model, (n, *config["shape"]), torch.tensor(config["sigmas"], device=device),
                        config["n_steps_each"], config["step_size"], generator=generator, progress=progress,
                        data_range=tuple(config["data_range"]), batch_size=batch_size, callback=callback, init=init,
-                       precision=precision)
+                       precision=precision, compile=compile)
 
 
 def append_metrics(out_dir, record):

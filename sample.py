@@ -88,6 +88,10 @@ def parse_args(argv=None):
                    help="the network's arithmetic: bf16 runs it under bf16 autocast while the chain stays fp32 "
                         "(ncsn.score_network), faster on GPUs and on CPUs with native bf16; a device without (or one "
                         "that would only emulate it) samples in fp32 with a note (default: fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network's evaluation, one graph per batch shape: half a minute of "
+                        "compiling first, then on an H100 a CIFAR-10 evaluation in bf16 took 0.36x the uncompiled "
+                        "time; on a CPU compiling takes minutes; not on mps (default: off)")
     p.add_argument("--data-init", action="store_true",
                    help="start each chain at a held-out image plus sigma_1 noise instead of the uniform prior "
                         "(NCSNv2's data_init, which takes training images); image runs only")
@@ -227,6 +231,21 @@ def heldout(config, data_dir, n, generator):
     return images[torch.randperm(len(images), generator=generator)[:n]].float() / 255
 
 
+def compiling(args, device):
+    """Whether --compile applies here: not on mps, where torch.compile is not supported (a note says so)."""
+    if args.compile and device.type == "mps":
+        print("note: --compile is not supported on mps; sampling uncompiled", file=sys.stderr)
+        return False
+    return args.compile
+
+
+def evaluation(args, model, device):
+    """The score function of the image tasks' chains: ncsn.score_network in --precision, compiled with --compile
+    (one static graph per batch shape, as ncsn.sample compiles it)."""
+    score_fn = ncsn.score_network(model, runs.usable_precision(args.precision, device, "sampling"))
+    return torch.compile(score_fn, dynamic=False) if compiling(args, device) else score_fn
+
+
 # ---- plain samples ---------------------------------------------------------------------------------------------
 
 def draw(args, model, config, out_dir, device):
@@ -240,7 +259,7 @@ def draw(args, model, config, out_dir, device):
           + (", the network in bf16 autocast" if precision == "bf16" else ""))
     generator = torch.Generator(device).manual_seed(args.seed)
     samples = runs.draw_samples(model, config, args.n_samples, generator, progress=True, batch_size=args.batch_size,
-                                init=init, precision=precision)
+                                init=init, precision=precision, compile=compiling(args, device))
     check_finite(samples, "samples")
     figure = os.path.join(out_dir, "samples.png")
     if runs.is_image_run(config):
@@ -293,7 +312,7 @@ def inpaint(args, model, config, out_dir, device):
     hidden = 1 - masks.mean().item()
     print(f"inpainting {n} held-out images of {config['dataset']}, {hidden:.0%} of the pixels hidden "
           f"({kind}), {m} completions each")
-    score_fn = ncsn.score_network(model, runs.usable_precision(args.precision, device, "sampling"))
+    score_fn = evaluation(args, model, device)
     completions = inpaint_chains(score_fn, config, known, mask, generator, args.batch_size, "inpaint")
     completions = completions.clamp(low, high).cpu().unflatten(0, (n, m))  # (n, m, C, H, W)
     check_finite(completions.flatten(0, 1), "completions")
@@ -334,7 +353,7 @@ def interpolate(args, model, config, out_dir, device):
     low, high = config["data_range"]
     sigmas, n_steps_each, step_size = config["sigmas"], config["n_steps_each"], config["step_size"]
     generator = torch.Generator(device).manual_seed(args.seed)
-    score_fn = ncsn.score_network(model, runs.usable_precision(args.precision, device, "sampling"))
+    score_fn = evaluation(args, model, device)
     rows_per_batch = max(1, args.batch_size // k)
     print(f"interpolating: {rows} rows of {k} chains, a = 0 .. pi/2")
     total = math.ceil(rows / rows_per_batch) * (len(sigmas) * n_steps_each + 1)
@@ -480,7 +499,7 @@ def every_checkpoint(args, ckpt_path, out_dir, device, scratch):
                            "not one run")
         generator = torch.Generator(device).manual_seed(args.seed)
         samples = runs.draw_samples(model, config, args.n_samples, generator, progress=True,
-                                    batch_size=args.batch_size, precision=precision)
+                                    batch_size=args.batch_size, precision=precision, compile=compiling(args, device))
         check_finite(samples, f"samples of {path}")
         result = score(setup, as_uint8_chw(samples), device)
         record_fid(setup, result, args.n_samples, step, path, out_dir)

@@ -570,6 +570,31 @@ def test_sample_through_the_cuda_graph_builder_is_the_plain_chain_bit_for_bit(pr
     assert builds == [((2, 1, 8, 8), False), ((1, 1, 8, 8), False)]
 
 
+def test_compile_hands_the_evaluation_to_torch_compile_once_per_call_in_static_shapes(monkeypatch):
+    """compile=True: the evaluation (score_network's, under the fixed buffers of cuda_graph) goes through
+    torch.compile once per sample call with dynamic=False, one static graph per batch shape, and the chain runs on
+    what it returns: every evaluation of the 2 + 2 + 1 chunks (3 levels x 2 steps each). Off CUDA the layout stays
+    the default one. torch.compile is stood in for by a counting identity (compiling takes minutes on a CPU; on a GPU
+    tests/test_cuda.py compiles for real)."""
+    model, seen = _probe_net()
+    options, evaluations = [], []
+
+    def compile_(fn, **kwargs):
+        options.append(kwargs)
+        return lambda x, sigma: evaluations.append(len(x)) or fn(x, sigma)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    draw = lambda compile: ncsn.sample(model, (5, 1, 8, 8), **SMALL_CHAIN, batch_size=2, compile=compile,  # noqa
+                                       cuda_graph=True, generator=torch.Generator().manual_seed(1))
+    plain = draw(False)
+    assert options == [] and evaluations == []
+    seen["conv"].clear()
+    assert torch.equal(draw(True), plain)
+    assert options == [{"dynamic": False}]
+    assert evaluations == [2] * 6 + [2] * 6 + [1] * 6
+    assert seen["conv"] == {(torch.float32, "contiguous")}
+
+
 def test_a_failed_cuda_graph_capture_samples_without_it_after_one_note(capsys):
     """Where capture fails (here: CPU tensors), the chain runs the plain evaluation, with a single note on stderr
     for all the batch shapes that follow."""

@@ -82,6 +82,25 @@ def test_interpolate_writes_rows_of_chains(image_run, tmp_path, monkeypatch):
     assert np.array_equal(np.load(again / "interpolation.npz")["arr_0"], chains)  # seeded
 
 
+def test_compile_compiles_the_evaluation_of_samples_and_of_the_image_tasks(image_run, tmp_path, monkeypatch):
+    """--compile hands the network's evaluation to torch.compile, with static shapes, for plain samples and the image
+    tasks alike. torch.compile is stood in for by the identity here (compiling takes minutes on a CPU; on a GPU
+    tests/test_cuda.py compiles for real), so the output is the uncompiled one from the same seed."""
+    _, out = image_run
+    monkeypatch.setattr(sample_py.signal, "signal", lambda *a: None)  # leave pytest's SIGTERM handler
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(options) or fn)
+    for task, written in (([], "samples.npz"), (["--interpolate", "2"], "interpolation.npz")):
+        outputs = []
+        for flag in ([], ["--compile"]):
+            where = tmp_path / f"{written}{flag}"
+            sample_py.main(["--checkpoint", str(out / "checkpoint.pt"), "--out-dir", str(where), "-n", "2",
+                            "--device", "cpu", *task, *flag])
+            outputs.append(np.load(where / written)["arr_0"])
+        assert np.array_equal(*outputs)
+    assert compiled == [{"dynamic": False}] * 2
+
+
 def test_data_init_starts_from_held_out_images(image_run, tmp_path, monkeypatch, capsys):
     """--data-init hands held-out images, in [0, 1], to the sampler's init (ncsn.sample's data + sigma_1 noise is
     tested in test_ncsn.py)."""
