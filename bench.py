@@ -455,6 +455,30 @@ def without_attention(model):
     return ablated
 
 
+def unet_training_step(net, module, precision, x, sigmas, generator, trainers):
+    """train.py's step on the batch x: ncsn_loss (DSM) with autocast around the network only (the loss in fp32),
+    backward, Adam (fused, as train.py's on cuda and cpu), the EMA; returns the callable that takes it.
+
+    net: the module, or a compiled or wrapped form of it; module: the plain module, whose Adam and EMA are made once
+    and kept in trainers {module: (Adam, EMA)}, so that the variants of one network share them as one run would."""
+    if module not in trainers:
+        trainers[module] = torch.optim.Adam(module.parameters(), lr=1e-4, fused=True), ncsn.EMA(module, 0.999)
+    optimizer, ema = trainers[module]
+
+    def score_fn(y, sigma):
+        with autocast(x.device, precision):
+            return net(y, sigma).float()
+
+    def step():
+        loss = ncsn.ncsn_loss(score_fn, x, sigmas, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update(module)
+
+    return step
+
+
 def unet_settings(device, quick, compile_on_cpu=False, batch=None):
     """What section 4 runs on `device`: the batch and train.py's layout, the variants {name: (precision, compiled)},
     those skipped {name: why}, and the variant that attention's share is timed in (train.py's precision there). On a
@@ -496,24 +520,7 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, sett
     trainers = {}  # one Adam and one EMA per network, shared by its variants, as in one training run
 
     def training_step(net, module, precision):
-        """train.py's step: ncsn_loss (DSM) with autocast around the network only (the loss in fp32), backward, Adam
-        (fused, as train.py's on cuda and cpu), the EMA; returns the callable that takes it."""
-        if module not in trainers:
-            trainers[module] = torch.optim.Adam(module.parameters(), lr=1e-4, fused=True), ncsn.EMA(module, 0.999)
-        optimizer, ema = trainers[module]
-
-        def score_fn(y, sigma):
-            with autocast(device, precision):
-                return net(y, sigma).float()
-
-        def step():
-            loss = ncsn.ncsn_loss(score_fn, x, sigmas, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            ema.update(module)
-
-        return step
+        return unet_training_step(net, module, precision, x, sigmas, generator, trainers)
 
     # The variants of our network; one step before any memory is measured, so that Adam's state exists for each.
     steps, failed = {}, dict(settings["skipped"])
@@ -669,6 +676,89 @@ def bench_sampling(device, quick):
     return rows, notes
 
 
+# ---- 7. Where the U-Net's time goes ------------------------------------------------------------------------------
+
+def _self_time_us(event, device):
+    """An operator's (or kernel's) own time in microseconds: on the GPU, the device time of the kernels it launched
+    itself; on a CPU, its CPU time less that of the operators it called."""
+    if device.type == "cuda":
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+    return event.self_cpu_time_total
+
+
+def op_profile(fn, device, top):
+    """One call of fn under torch.profiler, after an unprofiled one: the `top` operators by their own time on the
+    device that computes (the GPU's kernels, or the CPU), as (rows, device ms, host ms). An operator's share is of the
+    device's total. Where the profile attributes no kernels to aten operators (a compiled graph launches its own),
+    the kernels themselves are the rows."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    events = prof.key_averages()
+    host_us = sum(e.self_cpu_time_total for e in events if e.device_type == DeviceType.CPU)
+    if device.type == "cuda":
+        kernels = [e for e in events if e.device_type != DeviceType.CPU]
+        device_us = sum(_self_time_us(e, device) for e in kernels)
+        ops = [e for e in events if e.device_type == DeviceType.CPU and _self_time_us(e, device) > 0]
+        attributed = sum(_self_time_us(e, device) for e in ops)
+        chosen = ops if abs(attributed - device_us) <= 0.05 * device_us else kernels
+    else:
+        device_us, chosen = host_us, [e for e in events if e.device_type == DeviceType.CPU]
+    chosen = sorted(chosen, key=lambda e: _self_time_us(e, device), reverse=True)[:top]
+    rows = [{"operator": e.key if len(e.key) <= 60 else e.key[:57] + "...", "calls": e.count,
+             "ms": _self_time_us(e, device) / 1e3, "share": f"{_self_time_us(e, device) / device_us:.1%}"}
+            for e in chosen]
+    return rows, device_us / 1e3, host_us / 1e3
+
+
+def bench_time_breakdown(device, quick):
+    """Where the default U-Net's time goes (notes §8, §9), by operator: one sampling evaluation as sample.py runs it
+    (bf16 where the device has it, uncompiled; on a GPU also compiled) and one training step as train.py takes it
+    (its layout and precision). The table that tells a memory- or launch-bound network from a compute-bound one."""
+    gpu = device.type == "cuda"
+    bf16 = gpu or runs.cpu_has_native_bf16()
+    precision = "bf16" if bf16 else "fp32"
+    top = 5 if quick else 8
+    torch.manual_seed(0)
+    model = ncsn.NCSN().to(device).eval()
+    batch = 500 if gpu else (2 if quick else 8)
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    sigma = torch.full((batch,), 0.5, device=device)
+    profiles = {f"sampling evaluation, {precision}, batch {batch}": (False, None)}
+    if gpu:
+        profiles[f"sampling evaluation, {precision} + compile, batch {batch}"] = (True, None)
+    train_batch = CIFAR10["batch_size"] if gpu else (1 if quick else 4)
+    profiles[f"training step, {precision}, batch {train_batch}"] = (False, "train")
+    rows, notes = [], []
+    for name, (compiled, kind) in profiles.items():
+        if kind == "train":  # train.py's layout, batch and noise levels
+            layout = training_layout(device)
+            net = copy.deepcopy(model).train().to(memory_format=layout)
+            batch_x = torch.rand(train_batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
+            sigmas = ncsn.geometric_sigmas(CIFAR10["sigma_max"], CIFAR10["sigma_min"], CIFAR10["n_sigmas"])
+            step = unet_training_step(net, net, precision, batch_x, sigmas.to(device),
+                                      torch.Generator(device).manual_seed(0), {})
+        else:
+            score_fn = ncsn.chain_network(model, device, True, precision, cuda_graph=False, compile=compiled)
+
+            @torch.no_grad()
+            def step():
+                score_fn(x, sigma)
+        table, device_ms, host_ms = op_profile(step, device, top)
+        rows += [{"profile": name, **row} for row in table]
+        notes.append(f"{name}: {device_ms:.1f} ms on the {'GPU' if gpu else 'CPU'}"
+                     + (f", {host_ms:.1f} ms of host time launching it (under the profiler)" if gpu else ""))
+    notes.append("rows: the operators (aten, or a compiled graph's kernels) with the most time of their own, the "
+                 "kernels they launched on a GPU; share of the profile's device time. One call each, after a warm-up "
+                 "call; CUDA graphs off, so that every kernel shows.")
+    return rows, notes
+
+
 # ---- 6. The toy objectives table -------------------------------------------------------------------------------
 
 def bench_toy_objectives(device, quick):
@@ -758,6 +848,7 @@ SECTIONS = {
     4: ("The NCSN U-Net at the CIFAR-10 preset", bench_unet),
     5: ("Sampling the CIFAR-10 preset's annealed chain", bench_sampling),
     6: ("Toy objectives on the two-mode mixture", bench_toy_objectives),
+    7: ("Where the U-Net's time goes", bench_time_breakdown),
 }
 
 
