@@ -240,10 +240,10 @@ def compiling(args, device):
 
 
 def evaluation(args, model, device):
-    """The score function of the image tasks' chains: ncsn.score_network in --precision, compiled with --compile
-    (one static graph per batch shape, as ncsn.sample compiles it)."""
-    score_fn = ncsn.score_network(model, runs.usable_precision(args.precision, device, "sampling"))
-    return torch.compile(score_fn, dynamic=False) if compiling(args, device) else score_fn
+    """The score function of the image tasks' chains, built as ncsn.sample builds its own (ncsn.chain_network): the
+    network in --precision, compiled with --compile, a CUDA graph per batch shape on CUDA."""
+    return ncsn.chain_network(model, device, True, runs.usable_precision(args.precision, device, "sampling"),
+                              compile=compiling(args, device))
 
 
 # ---- plain samples ---------------------------------------------------------------------------------------------
