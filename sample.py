@@ -485,7 +485,7 @@ def every_checkpoint(args, ckpt_path, out_dir, device, scratch):
     """--fid --every-checkpoint: -n samples of each checkpoint of the run from the same seed, scored, and the best
     named (the lowest FID)."""
     paths, scores, setup = checkpoint_history(ckpt_path), {}, None
-    precision = runs.usable_precision(args.precision, device, "sampling")
+    precision, compile_ = runs.usable_precision(args.precision, device, "sampling"), compiling(args, device)
     print(f"scoring the checkpoints of {os.path.dirname(ckpt_path) or '.'}, {args.n_samples} samples each")
     for path in paths:
         model, config, step = load_model(args, path, device)
@@ -499,7 +499,7 @@ def every_checkpoint(args, ckpt_path, out_dir, device, scratch):
                            "not one run")
         generator = torch.Generator(device).manual_seed(args.seed)
         samples = runs.draw_samples(model, config, args.n_samples, generator, progress=True,
-                                    batch_size=args.batch_size, precision=precision, compile=compiling(args, device))
+                                    batch_size=args.batch_size, precision=precision, compile=compile_)
         check_finite(samples, f"samples of {path}")
         result = score(setup, as_uint8_chw(samples), device)
         record_fid(setup, result, args.n_samples, step, path, out_dir)

@@ -367,10 +367,12 @@ def resolve_config(args, identity, train_data, folder, device, saved, is_main):
     if n_sigmas is None:  # technique 2
         n_sigmas = math.ceil(math.log(sigma_max / sigma_min) / math.log(ncsn.sigma_ratio(dim))) + 1
     sigmas = ncsn.geometric_sigmas(sigma_max, sigma_min, n_sigmas).tolist()
-    if saved and len(sigmas) == len(saved["sigmas"]) and np.allclose(sigmas, saved["sigmas"], rtol=1e-6, atol=0):
-        # The checkpoint's levels (no flag for them, or the flags it was made with), verbatim: recomputed from its
-        # float32 endpoints, a level can differ in the last bit, which is no change of the run
-        sigmas = saved["sigmas"]
+    if saved:  # the checkpoint's levels verbatim, unless flags set other ones: recomputed from its float32 endpoints,
+        # a level can differ in the last bit, which is no change of the run
+        flagged = any(getattr(args, k) is not None for k in ("sigma_max", "sigma_min", "n_sigmas"))
+        same = len(sigmas) == len(saved["sigmas"]) and np.allclose(sigmas, saved["sigmas"], rtol=1e-6, atol=0)
+        if same or not flagged:
+            sigmas = saved["sigmas"]
     step_size = preset["step_size"]
     if step_size is None:  # technique 4
         step_size = ncsn.recommended_step_size(sigmas, preset["n_steps_each"], dim)

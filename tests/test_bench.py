@@ -179,7 +179,7 @@ def test_unet_section_runs_the_gpu_rows_in_train_layout_beside_ncsnv2(monkeypatc
 def test_the_time_breakdown_ranks_operators_by_their_own_time():
     """Section 7's op_profile: a call spending nearly all its time in one large matrix product (and a little in a
     small addition) lists aten::mm first with most of the time, shares of the one device total that sum to at most
-    100%, and the rows in descending order; a call's own operators only (the warm-up call is not profiled)."""
+    100%, and the rows in descending order; one call's operators only (the unprofiled calls before it are not)."""
     a, b = torch.randn(600, 600), torch.randn(600, 600)
     c = torch.randn(8)
 
@@ -188,10 +188,10 @@ def test_the_time_breakdown_ranks_operators_by_their_own_time():
             a @ b
         c + 1
 
-    rows, device_ms, host_ms = bench.op_profile(fn, torch.device("cpu"), top=5)
+    rows, device_ms, wall_ms = bench.op_profile(fn, torch.device("cpu"), top=5)
     assert rows[0]["operator"] == "aten::mm" and rows[0]["calls"] == 3
     shares = [float(row["share"].rstrip("%")) for row in rows]
     assert shares[0] > 50 and sum(shares) <= 100.5
     assert [row["ms"] for row in rows] == sorted((row["ms"] for row in rows), reverse=True)
-    assert device_ms == host_ms >= rows[0]["ms"]  # on a CPU the device is the host
+    assert device_ms >= sum(row["ms"] for row in rows) and wall_ms > 0
     assert {row["operator"] for row in rows} >= {"aten::mm", "aten::add"}

@@ -116,3 +116,20 @@ def test_train_py_and_sample_py_in_bf16_on_cuda(tmp_path):
     assert "note" not in result.stderr, result.stderr
     samples = np.load(out / "samples.npz")["arr_0"]
     assert samples.dtype == np.uint8 and samples.shape == (10, 32, 32, 3) and samples.std() > 0
+
+
+def test_the_time_breakdown_counts_each_kernel_once_on_cuda():
+    """bench.op_profile on the GPU: eager operators carry the time of the kernels they launch (the matrix product
+    first), and a compiled function's kernels are counted once, not again as the labelled region around the graph's
+    call, so the shares of either profile sum to at most 100% and the device time fits in the call's time."""
+    import bench
+
+    a = torch.randn(4096, 4096, device="cuda")
+    for fn in (lambda: (a @ a).relu_(), torch.compile(lambda: (a @ a).relu() + 1)):
+        rows, device_ms, wall_ms = bench.op_profile(fn, torch.device("cuda"), top=6)
+        shares = [float(row["share"].rstrip("%")) for row in rows]
+        assert sum(shares) <= 100.5 and shares[0] > 50, rows
+        assert not any(row["operator"].startswith("## ") for row in rows), rows
+        assert 0 < device_ms <= 1.05 * wall_ms
+    eager, _, _ = bench.op_profile(lambda: (a @ a).relu_(), torch.device("cuda"), top=2)
+    assert eager[0]["operator"] == "aten::mm"

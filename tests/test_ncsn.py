@@ -573,7 +573,8 @@ def test_sample_through_the_cuda_graph_builder_is_the_plain_chain_bit_for_bit(pr
 def test_compile_hands_the_evaluation_to_torch_compile_once_per_call_in_static_shapes(monkeypatch):
     """compile=True: the evaluation (score_network's, under the fixed buffers of cuda_graph) goes through
     torch.compile once per sample call with dynamic=False, one static graph per batch shape, and the chain runs on
-    what it returns: every evaluation of the 2 + 2 + 1 chunks (3 levels x 2 steps each). Off CUDA the layout stays
+    what it returns: every evaluation of the 2 + 2 + 1 chunks (3 levels x 2 steps each), each shape's from its fixed
+    input buffer. Off CUDA the layout stays
     the default one. torch.compile is stood in for by a counting identity (compiling takes minutes on a CPU; on a GPU
     tests/test_cuda.py compiles for real)."""
     model, seen = _probe_net()
@@ -581,7 +582,7 @@ def test_compile_hands_the_evaluation_to_torch_compile_once_per_call_in_static_s
 
     def compile_(fn, **kwargs):
         options.append(kwargs)
-        return lambda x, sigma: evaluations.append(len(x)) or fn(x, sigma)
+        return lambda x, sigma: evaluations.append((len(x), x.data_ptr())) or fn(x, sigma)
 
     monkeypatch.setattr(torch, "compile", compile_)
     draw = lambda compile: ncsn.sample(model, (5, 1, 8, 8), **SMALL_CHAIN, batch_size=2, compile=compile,  # noqa
@@ -591,7 +592,9 @@ def test_compile_hands_the_evaluation_to_torch_compile_once_per_call_in_static_s
     seen["conv"].clear()
     assert torch.equal(draw(True), plain)
     assert options == [{"dynamic": False}]
-    assert evaluations == [2] * 6 + [2] * 6 + [1] * 6
+    assert [n for n, _ in evaluations] == [2] * 6 + [2] * 6 + [1] * 6
+    # inside the fixed buffers: each batch shape's evaluations all read one input buffer (the graph's)
+    assert len({ptr for n, ptr in evaluations[:12]}) == 1 and len({ptr for n, ptr in evaluations[12:]}) == 1
     assert seen["conv"] == {(torch.float32, "contiguous")}
 
 

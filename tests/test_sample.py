@@ -86,19 +86,22 @@ def test_compile_compiles_the_evaluation_of_samples_and_of_the_image_tasks(image
     """--compile hands the network's evaluation to torch.compile, with static shapes, for plain samples and the image
     tasks alike. torch.compile is stood in for by the identity here (compiling takes minutes on a CPU; on a GPU
     tests/test_cuda.py compiles for real), so the output is the uncompiled one from the same seed."""
-    _, out = image_run
+    data_dir, out = image_run
     monkeypatch.setattr(sample_py.signal, "signal", lambda *a: None)  # leave pytest's SIGTERM handler
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(options) or fn)
-    for task, written in (([], "samples.npz"), (["--interpolate", "2"], "interpolation.npz")):
+    tasks = (([], "samples.npz", "arr_0"), (["--interpolate", "2"], "interpolation.npz", "arr_0"),
+             (["--inpaint", "center", "--completions", "1", "--data-dir", str(data_dir)], "inpainting.npz",
+              "completions"))
+    for task, written, key in tasks:
         outputs = []
         for flag in ([], ["--compile"]):
             where = tmp_path / f"{written}{flag}"
             sample_py.main(["--checkpoint", str(out / "checkpoint.pt"), "--out-dir", str(where), "-n", "2",
                             "--device", "cpu", *task, *flag])
-            outputs.append(np.load(where / written)["arr_0"])
+            outputs.append(np.load(where / written)[key])
         assert np.array_equal(*outputs)
-    assert compiled == [{"dynamic": False}] * 2
+    assert compiled == [{"dynamic": False}] * 3
 
 
 def test_data_init_starts_from_held_out_images(image_run, tmp_path, monkeypatch, capsys):
