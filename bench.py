@@ -473,6 +473,7 @@ def unet_training_step(net, module, precision, x, sigmas, generator, trainers):
             return net(y, sigma).float()
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # as train.py: the last step's CUDA graph outputs are free
         loss = ncsn.ncsn_loss(score_fn, x, sigmas, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -483,16 +484,18 @@ def unet_training_step(net, module, precision, x, sigmas, generator, trainers):
 
 
 def unet_settings(device, quick, compile_on_cpu=False, batch=None):
-    """What section 4 runs on `device`: the batch and train.py's layout, the variants {name: (precision, compiled)},
-    those skipped {name: why}, and the variant that attention's share is timed in (train.py's precision there). On a
-    GPU: the preset's batch of 128 in channels_last, fp32, bf16 and bf16 + compile, attention in bf16; on a CPU a
-    small batch in the default layout, fp32 and bf16, compile only with --compile-on-cpu, attention in fp32."""
+    """What section 4 runs on `device`: the batch and train.py's layout, the variants {name: (precision, compile
+    mode)} (mode None: uncompiled), those skipped {name: why}, and the variant that attention's share is timed in
+    (train.py's precision there). On a GPU: the preset's batch of 128 in channels_last, fp32, bf16, bf16 + compile
+    and bf16 + compile with CUDA graphs (train.py --compile on one GPU), attention in bf16; on a CPU a small batch in
+    the default layout, fp32 and bf16, compile only with --compile-on-cpu, attention in fp32."""
     gpu = device.type == "cuda"
-    variants, skipped = {"fp32": ("fp32", False), "bf16 autocast": ("bf16", False)}, {}
+    variants, skipped = {"fp32": ("fp32", None), "bf16 autocast": ("bf16", None)}, {}
     if gpu:
-        variants["bf16 autocast + compile"] = ("bf16", True)
+        variants["bf16 autocast + compile"] = ("bf16", "default")
+        variants["bf16 autocast + compile + CUDA graphs"] = ("bf16", "reduce-overhead")
     elif compile_on_cpu and not quick:
-        variants["fp32 + compile"] = ("fp32", True)
+        variants["fp32 + compile"] = ("fp32", "default")
     else:
         skipped["fp32 + compile"] = "skipped on the CPU: compiling takes minutes (--compile-on-cpu runs it)"
     return dict(gpu=gpu, batch=batch or (CIFAR10["batch_size"] if gpu else (1 if quick else 4)),
@@ -527,8 +530,8 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, sett
 
     # The variants of our network; one step before any memory is measured, so that Adam's state exists for each.
     steps, failed = {}, dict(settings["skipped"])
-    for name, (precision, compiled) in settings["variants"].items():
-        steps[name] = training_step(torch.compile(model) if compiled else model, model, precision)
+    for name, (precision, mode) in settings["variants"].items():
+        steps[name] = training_step(torch.compile(model, mode=mode) if mode else model, model, precision)
     for name, step in list(steps.items())[:1]:
         step()
     memory = {}
@@ -596,6 +599,13 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, sett
     if gpu:
         notes.append(f"dense bf16 peak of this GPU: {peak} TFLOP/s." if peak else
                      "dense bf16 peak unknown for this GPU.")
+        graphs = "bf16 autocast + compile + CUDA graphs"
+        if graphs in medians:
+            share = next(r["share of bf16 peak"] for r in rows if r["precision"] == graphs)
+            notes.append(f"{graphs} is train.py --precision bf16 --compile on one GPU (torch.compile's "
+                         f"reduce-overhead mode): {share} of the bf16 peak (goal: >= 35%)"
+                         + (f", {medians['bf16 autocast + compile'] / medians[graphs]:.2f}x the compiled step without "
+                            "CUDA graphs." if "bf16 autocast + compile" in medians else "."))
     else:
         notes.insert(0, f"on the CPU at batch {batch}" + ("." if batch == CIFAR10["batch_size"] else
                                                           f", not the preset's {CIFAR10['batch_size']} "
@@ -607,6 +617,9 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, sett
 
 
 # ---- 5. Sampling the CIFAR-10 preset ---------------------------------------------------------------------------
+
+COMPILED = "bf16 + compile + CUDA graphs"  # sample.py --precision bf16 --compile on a GPU
+
 
 def bench_sampling(device, quick):
     """Images/s of the CIFAR-10 preset's annealed chain (notes §9; NCSNv2: L = 232, T = 5, final denoising), in fp32
@@ -626,14 +639,18 @@ def bench_sampling(device, quick):
     n_evals = n_levels * n_steps_each
     generator = torch.Generator(device).manual_seed(0)
     bf16 = gpu or runs.cpu_has_native_bf16()  # emulated bf16 is slower than fp32: not a row worth timing
-    variants = {"fp32": ("fp32", False, False)}  # name: (precision, CUDA graphs, torch.compile)
+    # name: (precision, CUDA graphs, torch.compile, channels_last (None: ncsn.sample's default), batch)
+    variants = {"fp32": ("fp32", False, False, None, batch)}
     if bf16:
-        variants["bf16"] = ("bf16", False, False)
+        variants["bf16"] = ("bf16", False, False, None, batch)
     if gpu:
-        variants["bf16 + CUDA graphs"] = ("bf16", True, False)
-        variants["bf16 + compile + CUDA graphs"] = ("bf16", True, True)
+        variants["bf16 + CUDA graphs"] = ("bf16", True, False, None, batch)
+        variants[COMPILED] = ("bf16", True, True, None, batch)  # sample.py --precision bf16 --compile
+        if not quick:  # its alternatives: the default layout, and a larger batch
+            variants[COMPILED + ", default layout"] = ("bf16", True, True, False, batch)
+            variants[COMPILED + ", batch 1000"] = ("bf16", True, True, None, 1000)
 
-    def chain(score_fn, levels, steps_each):
+    def chain(score_fn, levels, steps_each, batch):
         """ncsn.sample's chunk: a uniform prior draw and the annealed chain, on score_fn (built once per variant, as
         one sample call builds it: its compiling and capture happen in the warmup, not in the rounds timed)."""
         @torch.no_grad()
@@ -644,43 +661,49 @@ def bench_sampling(device, quick):
         return run
 
     networks, compile_s, failed = {}, None, {}
-    for name, (precision, graph, compiled) in variants.items():  # warmup: a few evaluations (capture, compiling)
-        networks[name] = ncsn.chain_network(model, device, True, precision, cuda_graph=graph, compile=compiled)
+    for name, (precision, graph, compiled, channels_last, size) in variants.items():  # warmup: capture, compiling
+        networks[name] = ncsn.chain_network(model, device, True, precision, channels_last, graph, compiled)
         start = time.perf_counter()
         try:
-            chain(networks[name], 1, 2)()
+            chain(networks[name], 1, 2, size)()
         except Exception as error:  # torch.compile's failures are many and varied; report, don't crash
             failed[name] = f"failed: {_error_summary(error)}"
             del networks[name]
             continue
-        if compiled:
+        if name == COMPILED:
             compile_s = time.perf_counter() - start
-    fns = {name: chain(network, n_levels, n_steps_each) for name, network in networks.items()}
+    fns = {name: chain(network, n_levels, n_steps_each, variants[name][-1]) for name, network in networks.items()}
     medians, info, _ = agreeing_medians(fns, device, rounds=2, max_rounds=5,
                                         budget_s=120, warmup=0)
     rows = []
     for name in networks:
+        size = variants[name][-1]
         per_eval = medians[name] / n_evals
         chain_s = per_eval * full_chain
-        rows.append({"variant": name, "batch": batch, "ms / evaluation": 1e3 * per_eval, "full chain s": chain_s,
-                     "images / s": batch / chain_s, "50,000 images min": 50_000 / (batch / chain_s) / 60,
-                     "time / fp32": medians[name] / medians["fp32"],
+        rows.append({"variant": name, "batch": size, "ms / evaluation": 1e3 * per_eval, "full chain s": chain_s,
+                     "images / s": size / chain_s, "50,000 images min": 50_000 / (size / chain_s) / 60,
+                     "time / fp32": medians[name] / size / (medians["fp32"] / batch),
                      "note": f"{n_evals} evaluations timed; " + agreement_note(info)})
-    rows += [{"variant": name, "batch": batch, "note": why} for name, why in failed.items()]
+    rows += [{"variant": name, "batch": variants[name][-1], "note": why} for name, why in failed.items()]
     notes = [f"ncsn.NCSN() default in eval mode, ncsn.sample's chain (ncsn.chain_network, each variant's built once, "
              f"as one sample call builds it) with the preset: sigmas {CIFAR10['sigma_max']:g} -> "
              f"{CIFAR10['sigma_min']:g} in {len(sigmas)} levels, T = {n_steps_each}, final denoising: "
-             f"{full_chain} evaluations per chain, extrapolated from the first {n_levels} level(s)."]
+             f"{full_chain} evaluations per chain, extrapolated from the first {n_levels} level(s); time / fp32 per "
+             f"image."]
     if "bf16" in variants:
         notes.append(f"bf16 / fp32 speed-up {medians['fp32'] / medians['bf16']:.2f}"
                      + ("" if gpu else " (goal on a CPU with native bf16: >= 1.7)"))
-    if gpu and "bf16 + compile + CUDA graphs" in medians:
-        minutes = next(r for r in rows if r["variant"] == "bf16 + compile + CUDA graphs")["50,000 images min"]
-        graphs, compiled = medians["bf16 + CUDA graphs"], medians["bf16 + compile + CUDA graphs"]
+    if gpu and COMPILED in medians:
+        minutes = next(r for r in rows if r["variant"] == COMPILED)["50,000 images min"]
+        graphs, compiled = medians["bf16 + CUDA graphs"], medians[COMPILED]
         notes.append(f"50,000 samples with bf16 + compile + CUDA graphs: {minutes:.1f} min on this card (goal on one "
                      f"H100: <= 30); in bf16, CUDA graphs / none {medians['bf16'] / graphs:.2f}x, compile + CUDA "
-                     f"graphs / CUDA graphs {graphs / compiled:.2f}x; compiling and capturing took {compile_s:.0f} s "
-                     "once (sample.py --compile)")
+                     f"graphs / CUDA graphs {graphs / compiled:.2f}x; its warm-up, compiling (unless an earlier "
+                     f"section compiled the same graph) and capturing, took {compile_s:.0f} s once (sample.py "
+                     "--compile)")
+        per_image = {name: medians[name] / variants[name][-1] for name in medians}
+        notes += [f"{name}: {per_image[COMPILED] / per_image[name]:.2f}x the speed of {COMPILED} per image"
+                  for name in medians if name.startswith(COMPILED + ", ")]
     elif not gpu:
         notes.append(f"on the CPU at batch {batch}, not 500" + ("" if bf16 else "; this CPU has no native bf16, so "
                                                                  "bf16 (which would be emulated) is not timed"))
@@ -731,7 +754,9 @@ def op_profile(fn, device, top):
 def bench_time_breakdown(device, quick):
     """Where the default U-Net's time goes (notes §8, §9), by operator: one sampling evaluation as sample.py runs it
     (bf16 where the device has it, uncompiled; on a GPU also compiled) and one training step as train.py takes it
-    (its layout and precision). The table that tells a memory- or launch-bound network from a compute-bound one."""
+    (its layout and precision; on a GPU also compiled, without the CUDA graphs that would hide its kernels: their
+    device time is what the captured step could take at best). The table that tells a memory- or launch-bound
+    network from a compute-bound one."""
     gpu = device.type == "cuda"
     bf16 = gpu or runs.cpu_has_native_bf16()
     precision = "bf16" if bf16 else "fp32"
@@ -746,15 +771,17 @@ def bench_time_breakdown(device, quick):
         profiles[f"sampling evaluation, {precision} + compile, batch {batch}"] = (True, None)
     train_batch = CIFAR10["batch_size"] if gpu else (1 if quick else 4)
     profiles[f"training step, {precision}, batch {train_batch}"] = (False, "train")
+    if gpu:
+        profiles[f"training step, {precision} + compile, batch {train_batch}"] = (True, "train")
     rows, notes = [], []
     for name, (compiled, kind) in profiles.items():
         if kind == "train":  # train.py's layout, batch and noise levels
             layout = training_layout(device)
-            net = copy.deepcopy(model).train().to(memory_format=layout)
+            module = copy.deepcopy(model).train().to(memory_format=layout)
             batch_x = torch.rand(train_batch, 3, 32, 32, device=device).contiguous(memory_format=layout)
             sigmas = ncsn.geometric_sigmas(CIFAR10["sigma_max"], CIFAR10["sigma_min"], CIFAR10["n_sigmas"])
-            step = unet_training_step(net, net, precision, batch_x, sigmas.to(device),
-                                      torch.Generator(device).manual_seed(0), {})
+            step = unet_training_step(torch.compile(module) if compiled else module, module, precision, batch_x,
+                                      sigmas.to(device), torch.Generator(device).manual_seed(0), {})
         else:
             score_fn = ncsn.chain_network(model, device, True, precision, cuda_graph=False, compile=compiled)
 

@@ -142,14 +142,16 @@ def counted_gflops(model):
 
 
 def test_unet_section_runs_the_gpu_rows_in_train_layout_beside_ncsnv2(monkeypatch):
-    """Section 4 with a GPU's settings (batch 128, channels_last, fp32 / bf16 / bf16 + compile, attention in bf16), run
-    on the CPU with a small U-Net at batch 1 and without compiling: the network sees train.py's layout; the NCSNv2
-    anchor row is the published 29.7 M / 19.8 GFLOPs; ours are counted independently (parameters one by one, FLOPs
-    by hand); attention's FLOP share is its own layers'; share of peak = 3 x FLOPs x images/s over the bf16 peak."""
+    """Section 4 with a GPU's settings (batch 128, channels_last, fp32 / bf16 / bf16 + compile with and without CUDA
+    graphs, attention in bf16), run on the CPU with a small U-Net at batch 1 and without compiling: the network sees
+    train.py's layout; the NCSNv2 anchor row is the published 29.7 M / 19.8 GFLOPs; ours are counted independently
+    (parameters one by one, FLOPs by hand); attention's FLOP share is its own layers'; share of peak = 3 x FLOPs x
+    images/s over the bf16 peak."""
     gpu = bench.unet_settings(torch.device("cuda"), quick=False)
     assert (gpu["batch"], gpu["layout"], gpu["attention_variant"]) == (128, torch.channels_last, "bf16 autocast")
-    assert gpu["variants"] == {"fp32": ("fp32", False), "bf16 autocast": ("bf16", False),
-                               "bf16 autocast + compile": ("bf16", True)}
+    assert gpu["variants"] == {"fp32": ("fp32", None), "bf16 autocast": ("bf16", None),
+                               "bf16 autocast + compile": ("bf16", "default"),
+                               "bf16 autocast + compile + CUDA graphs": ("bf16", "reduce-overhead")}
     assert bench.unet_settings(torch.device("cpu"), quick=True)["layout"] == torch.contiguous_format
     monkeypatch.setattr(bench, "device_name", lambda device: "NVIDIA H100 80GB HBM3")  # its peak: 989 TFLOP/s
     model, batches = small_unet(), []
