@@ -473,7 +473,8 @@ def unet_training_step(net, module, precision, x, sigmas, generator, trainers):
             return net(y, sigma).float()
 
     def step():
-        torch.compiler.cudagraph_mark_step_begin()  # as train.py: the last step's CUDA graph outputs are free
+        if net is not module:  # compiled: with CUDA graphs, a new step, as in train.py (uncompiled, no inductor import)
+            torch.compiler.cudagraph_mark_step_begin()
         loss = ncsn.ncsn_loss(score_fn, x, sigmas, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -636,7 +636,10 @@ def wrap(model, world, device, compile_, objective):
               file=sys.stderr)
     elif compile_:
         torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
-        net = torch.compile(net, mode=compile_mode(device, world))
+        mode = compile_mode(device, world)
+        net = torch.compile(net, mode=mode)
+        if mode == "reduce-overhead":
+            net = each_call_a_new_step(net)
     return net
 
 
@@ -648,6 +651,15 @@ def compile_mode(device, world):
     generator's graph-safe state, which the checkpoint keeps. Under DDP, whose gradient hooks run between the
     backward's kernels, and on other devices: the default mode."""
     return "reduce-overhead" if device.type == "cuda" and world == 1 else None
+
+
+def each_call_a_new_step(net):
+    """net, each call of which begins a new step for the CUDA graphs (cudagraph trees): its replay may overwrite the
+    outputs of the last call, which the training step has used up by then (the loss computed and backpropagated)."""
+    def call(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return net(*args)
+    return call
 
 
 def autocast(device, precision):
@@ -1037,7 +1049,6 @@ def train(args):
         while step < config["steps"] and not stopping:
             # One step.
             model.train()
-            torch.compiler.cudagraph_mark_step_begin()  # with CUDA graphs: last step's graph outputs are free
             x = draw_batch(source, local_batch, generators["data"], device)  # (b, *shape)
             levels = torch.randint(len(sigmas), (local_batch,), device=device, generator=generators["noise"])
             per_example = ncsn.ncsn_loss(score_fn, x, sigmas, objective=config["objective"], reduction="none",

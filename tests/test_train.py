@@ -344,6 +344,20 @@ def test_compile_switch_on_cpu_trains_like_eager(tmp_path):
         torch.testing.assert_close(compiled["model"][name], tensor, rtol=1e-4, atol=1e-5)
 
 
+def test_compile_on_one_gpu_replays_cuda_graphs_and_marks_each_call_a_new_step(monkeypatch):
+    """--compile's mode: reduce-overhead (CUDA graphs) in one CUDA process only, and then each network call begins a
+    new cudagraph-trees step (tests/test_cuda.py runs it on a GPU); the default mode under DDP and off CUDA."""
+    import train
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train.compile_mode(cuda, 1) == "reduce-overhead"
+    assert train.compile_mode(cuda, 2) is None and train.compile_mode(cpu, 1) is None
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(marks)))
+    net = train.each_call_a_new_step(lambda x, sigma: x * sigma)
+    assert net(torch.tensor(2.0), torch.tensor(3.0)) == 6.0 and net(torch.tensor(1.0), torch.tensor(1.0)) == 1.0
+    assert marks == [0, 1]
+
+
 def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
