@@ -539,6 +539,8 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, sett
     for name in list(steps):  # the first call of each is also its warmup (with compile, its compiling)
         try:
             memory[name] = _measure_peak_memory(steps[name], device)
+            if settings["variants"][name][1] == "reduce-overhead":
+                steps[name]()  # CUDA graph trees record at the second call and replay from the third
         except Exception as error:  # torch.compile's failures are many and varied; report, don't crash
             failed[name] = f"failed: {_error_summary(error)}"
             del steps[name]

@@ -656,9 +656,9 @@ def compile_mode(device, world):
 def each_call_a_new_step(net):
     """net, each call of which begins a new step for the CUDA graphs (cudagraph trees): its replay may overwrite the
     outputs of the last call, which the training step has used up by then (the loss computed and backpropagated)."""
-    def call(*args):
+    def call(*args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()
-        return net(*args)
+        return net(*args, **kwargs)
     return call
 
 
