@@ -13,7 +13,7 @@
    number of bare score evaluations.
 4. The NCSN U-Net at the CIFAR-10 preset (notes §8, §10), beside NCSNv2's published network: training images/s in
    train.py's layout, memory, FLOPs, share of the GPU's bf16 peak, and attention's share of the step's time beside its
-   share of the FLOPs.
+   share of the FLOPs (on a CPU, with the rates of its matrix products and of its convolutions).
 5. Sampling the CIFAR-10 preset's full annealed chain (L T + 1 = 232 * 5 + 1 evaluations), images/s, in fp32, bf16,
    and on a GPU with CUDA graphs and torch.compile, with the time 50,000 samples would take.
 6. The toy objectives table: DSM, SSM-VR and exact score matching through ncsn.ncsn_loss on the notes' two-mode
@@ -141,6 +141,8 @@ def interleaved_medians(fns, device, repeats, warmup=1, budget_s=math.inf):
 # A comparison is timed for more rounds while the max/min of its per-round ratios exceeds this: one disturbed round
 # (another process took a core mid-call) moves a ratio by far more than two undisturbed rounds differ.
 AGREEMENT = 1.15
+# Rounds over which section 4 takes attention's share of the step's time (fewer where its time budget runs out).
+ATTENTION_ROUNDS = 15
 
 
 def ratio_spread(rounds, reference):
@@ -458,6 +460,45 @@ def without_attention(model):
     return ablated
 
 
+def attention_product_rates(model, shape, batch, device, calls=20):
+    """The rates, in fp32 and in the same run, of the two kinds of work in the network's first attention layer at
+    batch `batch`: its matrix products (q k^T per image and head, torch.matmul on (batch * heads, H*W, C/heads)
+    tensors: a BLAS's batched GEMM, MKL on an x86 CPU) and its qkv 1x1 convolution (channels_last, as the layer runs
+    it: oneDNN on a CPU). Attention's share of the step's time can only come near its share of the FLOPs where the two
+    run at similar rates. Forward only, each timed as `calls` calls, interleaved (interleaved_medians).
+
+    Returns {"shape": (batch * heads, H*W, C/heads), "qkv input": (batch, C, H, W), "matmul GFLOP/s", "1x1 conv
+    GFLOP/s"}, the FLOPs of each counted by FlopCounterMode; None where the network has no attention."""
+    layer = next((m for m in model.modules() if isinstance(m, ncsn.Attention)), None)
+    if layer is None:
+        return None
+    inputs = []
+    hook = layer.register_forward_pre_hook(lambda module, args: inputs.append(args[0].shape))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *shape, device=device), torch.ones(1, device=device))
+    model.train(was_training)
+    hook.remove()
+    _, channels, height, width = inputs[0]
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(batch * layer.heads, height * width, channels // layer.heads, generator=generator).to(device)
+            for _ in range(2))
+    x = torch.randn(batch, channels, height, width, generator=generator).to(device, memory_format=torch.channels_last)
+    weight, bias = (t.detach().float() for t in (layer.qkv.weight, layer.qkv.bias))
+    ops = {"matmul": lambda: q @ k.transpose(1, 2), "1x1 conv": lambda: torch.nn.functional.conv2d(x, weight, bias)}
+    flops = {}
+    for name, op in ops.items():
+        with FlopCounterMode(display=False) as counter:
+            op()
+        flops[name] = counter.get_total_flops()
+    with torch.no_grad():
+        medians, _ = interleaved_medians({name: lambda op=op: [op() for _ in range(calls)] for name, op in ops.items()},
+                                         device, repeats=7)
+    return {"shape": tuple(q.shape), "qkv input": tuple(x.shape),
+            **{f"{name} GFLOP/s": calls * flops[name] / medians[name] / 1e9 for name in ops}}
+
+
 def unet_training_step(net, module, precision, x, sigmas, generator, trainers):
     """train.py's step on the batch x: ncsn_loss (DSM) with autocast around the network only (the loss in fp32),
     backward, Adam (fused, as train.py's on cuda and cpu), the EMA; returns the callable that takes it.
@@ -558,10 +599,18 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, sett
                 "without attention": sum(p.numel() for p in ablated.parameters())}
     gflops = {"ours": gflops_per_image(model, shape, device), "without attention": gflops_per_image(ablated, shape,
                                                                                                    device)}
-    time_shares = sorted(1 - r["without attention"] / r[attention_variant] for r in rounds)
+    # Attention's share is a difference of a few percent between two steps, which one disturbed round moves by as
+    # much: the two alone are timed for more rounds, and the share is the median over all of them.
+    pair = {name: steps[name] for name in (attention_variant, "without attention")}
+    pair_rounds, more, start = list(rounds), interleaved_rounds(pair, device, warmup=0), time.perf_counter()
+    while len(pair_rounds) < (6 if quick else ATTENTION_ROUNDS) and time.perf_counter() - start < (10 if quick else 40):
+        pair_rounds.append(next(more))
+    time_shares = sorted(1 - r["without attention"] / r[attention_variant] for r in pair_rounds)
     time_share, flop_share = statistics.median(time_shares), 1 - gflops["without attention"] / gflops["ours"]
-    attention = (f"attention: {time_share:.1%} of the step's time (rounds {time_shares[0]:.1%} to "
-                 f"{time_shares[-1]:.1%}), {flop_share:.1%} of its FLOPs; goal on a CPU: time ≤ FLOPs + 1 point, "
+    quartiles = statistics.quantiles(time_shares, n=4) if len(time_shares) > 1 else time_shares * 3
+    attention = (f"attention: {time_share:.1%} of the step's time (median of {len(time_shares)} rounds, the middle "
+                 f"half {quartiles[0]:.1%} to {quartiles[2]:.1%}), {flop_share:.1%} of its FLOPs; goal on a CPU: "
+                 "time ≤ FLOPs + 1 point, "
                  + ("met" if time_share <= flop_share + 0.01 else "not met"))
     columns = ("network", "precision", "batch", "M parameters", "GFLOPs / image", "ms / step", "images / s",
                "time / fp32", "peak memory MiB", "TFLOP/s", "share of bf16 peak", "note")
@@ -597,8 +646,8 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, sett
              " The step measured is each variant's first (fp32's second, after the one that creates Adam's state; "
              "with compile, it includes compiling).",
              f"ours without attention: every ncsn.Attention replaced by the identity, in {attention_variant}, timed "
-             f"in the same rounds; attention's share = 1 - its time / ours per round (median), and 1 - its FLOPs / "
-             f"ours. {attention[0].upper()}{attention[1:]}."]
+             f"in the same rounds and then in rounds of the two alone; attention's share = 1 - its time / ours per "
+             f"round (median over them all), and 1 - its FLOPs / ours. {attention[0].upper()}{attention[1:]}."]
     if gpu:
         notes.append(f"dense bf16 peak of this GPU: {peak} TFLOP/s." if peak else
                      "dense bf16 peak unknown for this GPU.")
@@ -613,6 +662,15 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, sett
         notes.insert(0, f"on the CPU at batch {batch}" + ("." if batch == CIFAR10["batch_size"] else
                                                           f", not the preset's {CIFAR10['batch_size']} "
                                                           "(--unet-batch 128 runs it: minutes on a CPU)."))
+        rates = attention_product_rates(model, shape, batch, device)
+        if rates:
+            (b, n, d), blas = rates["shape"], "MKL" if torch.backends.mkl.is_available() else "the BLAS"
+            matmul, conv = rates["matmul GFLOP/s"], rates["1x1 conv GFLOP/s"]
+            notes.append(f"attention's share of the time can only come near its share of the FLOPs where its two "
+                         f"kinds of work run at similar rates. In fp32, its matrix products q k^T ({b} x {n}x{d} by "
+                         f"{d}x{n}, torch.matmul: {blas}) ran at {matmul:.0f} GFLOP/s, and its qkv 1x1 convolution "
+                         f"(input {'x'.join(map(str, rates['qkv input']))}, channels_last: oneDNN) at {conv:.0f}, "
+                         f"{conv / matmul:.2f}x as fast (forward only, same run).")
         notes.append("this CPU has native bf16: train.py --precision bf16 runs bf16 autocast on it." if
                      runs.cpu_has_native_bf16() else "this CPU has no native bf16: the bf16 row is emulated bf16, and "
                      "train.py --precision bf16 trains in fp32 on it.")

@@ -178,6 +178,39 @@ def test_unet_section_runs_the_gpu_rows_in_train_layout_beside_ncsnv2(monkeypatc
         assert row["TFLOP/s"] == pytest.approx(achieved) and row["share of bf16 peak"] == f"{achieved / 989:.1%}"
 
 
+def test_attention_rates_time_the_first_attention_layers_products_and_convolution(monkeypatch):
+    """The CPU note's rates are of the network's first attention layer at the bench's batch: q k^T per image and head
+    (2 N^2 d FLOPs each, N = H W positions, d = C / heads) and the qkv 1x1 convolution (2 N C 3C per image), over
+    the seconds of `calls` calls (a fake clock here); no attention, no rates."""
+    seconds = {"matmul": 0.5, "1x1 conv": 0.25}
+    monkeypatch.setattr(bench, "interleaved_medians", lambda fns, device, repeats: (seconds, repeats))
+    batch, calls = 3, 20
+    for model, channels, heads in ((small_unet(), 32, 1),
+                                   (ncsn.NCSN(channels=64, channel_mults=(1, 2), num_res_blocks=1), 128, 2)):
+        rates = bench.attention_product_rates(model, (3, 32, 32), batch, torch.device("cpu"), calls=calls)
+        n, d = 16 * 16, channels // heads
+        assert rates["shape"] == (batch * heads, n, d) and rates["qkv input"] == (batch, channels, 16, 16)
+        assert rates["matmul GFLOP/s"] == pytest.approx(calls * 2 * batch * heads * n * n * d / 0.5 / 1e9)
+        assert rates["1x1 conv GFLOP/s"] == pytest.approx(calls * 2 * batch * n * channels * 3 * channels / 0.25 / 1e9)
+    assert bench.attention_product_rates(bench.without_attention(small_unet()), (3, 32, 32), batch,
+                                         torch.device("cpu")) is None
+
+
+def test_unet_section_on_a_cpu_runs_the_default_layout_and_says_how_fast_attentions_products_ran():
+    """Section 4 with this CPU's settings (a small U-Net here): fp32 and bf16 in the default layout, compiling
+    skipped, attention's share in fp32, and a note with the rates of attention's products and qkv convolution."""
+    model, batches = small_unet(), []
+    model.register_forward_pre_hook(lambda module, args: batches.append(args[0]) if module.training else None)
+    rows, notes = bench.bench_unet(torch.device("cpu"), quick=True, model=model)
+    assert batches and all(x.is_contiguous() for x in batches)
+    assert [(row["network"], row["precision"]) for row in rows[1:]] == [
+        ("ours", "fp32"), ("ours", "bf16 autocast"), ("ours", "fp32 + compile"), ("ours without attention", "fp32")]
+    assert rows[3]["note"].startswith("skipped on the CPU")
+    assert "(median of 6 rounds, the middle half" in rows[4]["note"]
+    rates = [note for note in notes if "products q k^T" in note]
+    assert len(rates) == 1 and "products q k^T (1 x 256x32 by 32x256" in rates[0] and "input 1x32x16x16" in rates[0]
+
+
 def test_the_time_breakdown_ranks_operators_by_their_own_time():
     """Section 7's op_profile: a call spending nearly all its time in one large matrix product (and a little in a
     small addition) lists aten::mm first with most of the time, shares of the one device total that sum to at most
