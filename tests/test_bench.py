@@ -89,6 +89,26 @@ def test_a_comparison_is_timed_until_its_rounds_agree(monkeypatch):
         bench.agreeing_medians(fns, cpu, rounds=4, max_rounds=3)
 
 
+def test_short_calls_are_repeated_until_a_round_of_the_quickest_lasts_long_enough(monkeypatch):
+    """repeated: from one timed call of each (2 ms and 3 ms here, on the fake clock), a round of 50 ms takes 25 calls
+    of each, and one call of a wrapped fn makes them."""
+    calls = fake_clock(monkeypatch)
+    counts = {"a": 0, "b": 0}
+
+    def fake(name, seconds):
+        def fn():
+            counts[name] += 1
+            return seconds
+        fn.__name__ = name
+        return fn
+
+    wrapped, n = bench.repeated({"a": fake("a", 0.002), "b": fake("b", 0.003)}, torch.device("cpu"), 0.05)
+    assert n == 25 and calls == ["a", "b"] and counts == {"a": 1, "b": 1}
+    wrapped["b"]()
+    assert counts == {"a": 1, "b": 26}
+    assert bench.repeated({"a": fake("a", 0.2)}, torch.device("cpu"), 0.05)[1] == 1
+
+
 def test_openmp_waits_passively_unless_the_environment_or_the_flag_says_otherwise():
     """omp_wait_policy: --omp-wait over the environment's OMP_WAIT_POLICY over PASSIVE; bench.py sets it, run as a
     script only, before its first `import torch` (OpenMP reads it when torch loads it)."""
