@@ -22,8 +22,9 @@
    evaluation and one training step.
 
 Machines are noisy, so every comparison is a ratio of interleaved measurements (A B A B ..., medians) taken in the
-same run; a comparison whose rounds disagree (the max/min of its per-round ratios above AGREEMENT) is timed for more
-rounds, within a bound, and each row says how many it took. Timings use time.perf_counter, with the device
+same run; a comparison whose rounds disagree (the max/min of its per-round ratios above AGREEMENT, over five rounds or
+more leaving out the highest and the lowest, as the median does) is timed for more rounds, within a bound, and each
+row says how many it took. Timings use time.perf_counter, with the device
 synchronised around each timed call on CUDA. OpenMP's threads wait passively (OMP_WAIT_POLICY=PASSIVE, set before
 torch loads OpenMP) unless the environment or --omp-wait active says otherwise: a thread that spins while it waits
 for a partner that another process has descheduled made small steps up to 100x slower on a shared 2-core machine.
@@ -139,36 +140,41 @@ def interleaved_medians(fns, device, repeats, warmup=1, budget_s=math.inf):
 
 
 # A comparison is timed for more rounds while the max/min of its per-round ratios exceeds this: one disturbed round
-# (another process took a core mid-call) moves a ratio by far more than two undisturbed rounds differ.
+# (another process took a core mid-call) moves a ratio by far more than two undisturbed rounds differ. Over five
+# rounds or more the highest and lowest ratio are left out: one such round leaves their median alone.
 AGREEMENT = 1.15
 # Rounds over which section 4 takes attention's share of the step's time (fewer where its time budget runs out).
 ATTENTION_ROUNDS = 15
 
 
-def ratio_spread(rounds, reference):
-    """The largest max/min, over the fns other than `reference`, of their per-round time ratios to it (1 if none)."""
-    ratios = [[r[name] / r[reference] for r in rounds] for name in rounds[0] if name != reference]
-    return max((max(r) / min(r) for r in ratios), default=1.0)
+def ratio_spread(rounds, reference, trim=0):
+    """The largest max/min, over the fns other than `reference`, of their per-round time ratios to it (1 if none),
+    leaving out each one's `trim` highest and `trim` lowest ratios."""
+    ratios = [sorted(r[name] / r[reference] for r in rounds) for name in rounds[0] if name != reference]
+    return max((r[len(r) - 1 - trim] / r[trim] for r in ratios), default=1.0)
 
 
 def agreeing_medians(fns, device, rounds, max_rounds, budget_s=math.inf, warmup=1, spread=AGREEMENT):
     """Median seconds per call of each fn in fns over `rounds` consecutive interleaved rounds whose time ratios to the
-    first fn agree: each ratio's max/min over them at most `spread`. While the last `rounds` rounds disagree, one
-    more is timed, up to max_rounds, or until budget_s has passed after the first `rounds`; then the medians are of
-    every round timed. Returns ({name: median seconds}, {"timed", "used": rounds the medians are of, "spread": their
-    ratio_spread, "agreed", "limit": spread}, [per-round {name: seconds} the medians are of])."""
+    first fn agree: each ratio's max/min over them at most `spread`, leaving out its highest and lowest where there
+    are five rounds or more (their median ignores one outlying round, and so does the check). While the last `rounds`
+    rounds disagree, one more is timed, up to max_rounds, or until budget_s has passed after the first `rounds`; then
+    the medians are of every round timed. Returns ({name: median seconds}, {"timed", "used": rounds the medians are
+    of, "spread": their ratio_spread, "trim": ratios left out at each end, "agreed", "limit": spread}, [per-round
+    {name: seconds} the medians are of])."""
     if not 1 <= rounds <= max_rounds:
         raise ValueError(f"need 1 <= rounds <= max_rounds, got {rounds} and {max_rounds}")
-    reference = next(iter(fns))
+    reference, trim = next(iter(fns)), 1 if rounds >= 5 else 0
     times, start = [], time.perf_counter()
     for round_ in interleaved_rounds(fns, device, warmup):
         times.append(round_)
         window = times[-rounds:]
-        agreed = len(window) == rounds and ratio_spread(window, reference) <= spread
+        agreed = len(window) == rounds and ratio_spread(window, reference, trim) <= spread
         if not agreed and len(times) < max_rounds and (len(times) < rounds or time.perf_counter() - start <= budget_s):
             continue
         used = window if agreed else times
-        info = dict(timed=len(times), used=len(used), spread=ratio_spread(used, reference), agreed=agreed, limit=spread)
+        info = dict(timed=len(times), used=len(used), spread=ratio_spread(used, reference, trim), trim=trim,
+                    agreed=agreed, limit=spread)
         return _medians(used), info, used
 
 
@@ -184,10 +190,11 @@ def repeated(fns, device, round_s):
 
 def agreement_note(info):
     """A table cell: how many rounds a comparison took, and whether they agreed (agreeing_medians)."""
+    ratios = f"the middle {info['used'] - 2 * info['trim']} ratios" if info["trim"] else "ratios"
     if info["agreed"]:
-        return (f"median of {info['used']} rounds, ratios within {info['spread']:.3f}"
+        return (f"median of {info['used']} rounds, {ratios} within {info['spread']:.3f}"
                 + (f" (agreed after {info['timed']} rounds)" if info["timed"] > info["used"] else ""))
-    return (f"median of {info['timed']} rounds; ratios still spread {info['spread']:.2f} > {info['limit']} at the "
+    return (f"median of {info['timed']} rounds; {ratios} still spread {info['spread']:.2f} > {info['limit']} at the "
             "round or time limit")
 
 
@@ -336,8 +343,8 @@ def bench_step_cost(device, quick):
     ratio = {(r["D"], r["objective"]): r["time / DSM"] for r in rows}
     notes.append(f"MLP D-{hidden}-{hidden}-D (Softplus), batch {batch}; a step is loss + backward + Adam step; "
                  f"interleaved rounds, median; dsm, ssm and ssm-vr take several steps a round (about 50 ms of the "
-                 f"quickest), and are timed until {AGREEMENT} bounds the max/min of their per-round ratios to dsm, or "
-                 "a limit is reached (the note says which).")
+                 f"quickest), and are timed until {AGREEMENT} bounds the max/min of their per-round ratios to dsm (the "
+                 "highest and lowest left out), or a limit is reached (the note says which).")
     for name in ("exact (vectorised)", "ssm-vr"):
         trend = ", ".join(f"{ratio[dim, name]:.3g} at D = {dim}" for dim in dims if ratio[dim, name] is not None)
         notes.append(f"{name} / DSM: {trend}.")
@@ -439,7 +446,8 @@ def bench_sampler_overhead(device, quick):
                      "note": agreement_note(agreement)})
     notes = ["overhead = annealed Langevin time / time of the same number of bare model calls under no_grad on inputs "
              f"of the same shape; interleaved, median; timed until the per-round ratios of consecutive rounds agree "
-             f"within {AGREEMENT} (max/min), or a limit is reached (the note says which)."]
+             f"within {AGREEMENT} (max/min; from five rounds on, the highest and lowest left out), or a limit is "
+             "reached (the note says which)."]
     return rows, notes
 
 

@@ -73,13 +73,14 @@ def test_a_comparison_is_timed_until_its_rounds_agree(monkeypatch):
     fns = {"a": scripted("a", [1.0] * 10), "b": scripted("b", [2.0, 10.0, 2.0, 2.1, 2.0, 2.0])}
     medians, info, rounds = bench.agreeing_medians(fns, cpu, rounds=3, max_rounds=10, warmup=0)
     assert calls[:4] == ["a", "b", "b", "a"]  # every other round reversed
-    assert info == dict(timed=5, used=3, spread=pytest.approx(1.05), agreed=True, limit=bench.AGREEMENT)
+    assert info == dict(timed=5, used=3, spread=pytest.approx(1.05), trim=0, agreed=True, limit=bench.AGREEMENT)
     assert medians == {"a": 1.0, "b": 2.0} and [r["b"] for r in rounds] == [2.0, 2.1, 2.0]
     assert "median of 3 rounds" in bench.agreement_note(info) and "after 5 rounds" in bench.agreement_note(info)
 
     alternating = {"a": scripted("a", [1.0] * 20), "b": scripted("b", [1.0, 2.0] * 10)}
     medians, info, _ = bench.agreeing_medians(alternating, cpu, rounds=3, max_rounds=6, warmup=0)
-    assert info == dict(timed=6, used=6, spread=2.0, agreed=False, limit=bench.AGREEMENT) and medians["b"] == 1.5
+    assert info == dict(timed=6, used=6, spread=2.0, trim=0, agreed=False, limit=bench.AGREEMENT)
+    assert medians["b"] == 1.5
     assert "still spread 2.00 > 1.15" in bench.agreement_note(info)
     spent = {"a": scripted("a", [1.0] * 20), "b": scripted("b", [1.0, 2.0] * 10)}
     assert bench.agreeing_medians(spent, cpu, rounds=3, max_rounds=6, warmup=0, budget_s=-1)[1]["timed"] == 3
@@ -87,6 +88,19 @@ def test_a_comparison_is_timed_until_its_rounds_agree(monkeypatch):
     assert one[1]["agreed"] and one[1]["spread"] == 1.0
     with pytest.raises(ValueError, match="rounds <= max_rounds"):
         bench.agreeing_medians(fns, cpu, rounds=4, max_rounds=3)
+
+    # From five rounds on, each ratio's highest and lowest are left out: one disturbed round of five (b took 5x)
+    # leaves the median alone and passes; two (one high, one low) do too; two high ones do not.
+    one_out = {"a": scripted("a", [1.0] * 5), "b": scripted("b", [2.0, 10.0, 2.0, 2.1, 2.0])}
+    medians, info, _ = bench.agreeing_medians(one_out, cpu, rounds=5, max_rounds=10, warmup=0)
+    assert (info["timed"], info["trim"], info["agreed"], medians["b"]) == (5, 1, True, 2.0)
+    assert info["spread"] == pytest.approx(1.05) and "the middle 3 ratios within 1.050" in bench.agreement_note(info)
+    both_ends = {"a": scripted("a", [1.0] * 5), "b": scripted("b", [2.0, 10.0, 2.0, 0.5, 2.0])}
+    assert bench.agreeing_medians(both_ends, cpu, rounds=5, max_rounds=5, warmup=0)[1]["agreed"]
+    two_high = {"a": scripted("a", [1.0] * 5), "b": scripted("b", [2.0, 10.0, 2.0, 10.0, 2.0])}
+    medians, info, _ = bench.agreeing_medians(two_high, cpu, rounds=5, max_rounds=5, warmup=0)
+    assert not info["agreed"] and info["spread"] == 5.0
+    assert "the middle 3 ratios still spread 5.00" in bench.agreement_note(info)
 
 
 def test_short_calls_are_repeated_until_a_round_of_the_quickest_lasts_long_enough(monkeypatch):
