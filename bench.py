@@ -24,10 +24,10 @@
 Machines are noisy, so every comparison is a ratio of interleaved measurements (A B A B ..., medians) taken in the
 same run; a comparison whose rounds disagree (the max/min of its per-round ratios above AGREEMENT, over five rounds or
 more leaving out the highest and the lowest, as the median does) is timed for more rounds, within a bound, and each
-row says how many it took. Timings use time.perf_counter, with the device
-synchronised around each timed call on CUDA. OpenMP's threads wait passively (OMP_WAIT_POLICY=PASSIVE, set before
-torch loads OpenMP) unless the environment or --omp-wait active says otherwise: a thread that spins while it waits
-for a partner that another process has descheduled made small steps up to 100x slower on a shared 2-core machine.
+row says how many it took. Timings use time.perf_counter, with the device synchronised around each timed call on CUDA.
+OpenMP's threads wait passively (OMP_WAIT_POLICY=PASSIVE, set before torch loads OpenMP) unless the environment or
+--omp-wait active says otherwise: a thread that spins while it waits for a partner that another process has
+descheduled made small steps up to 100x slower on a shared 2-core machine.
 """
 import os
 import sys
