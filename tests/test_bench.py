@@ -1,8 +1,10 @@
 """bench.py's figures, called as functions: section 2's sliced estimates (notes §5) are unbiased and variance reduction
 lowers their variance for every projection kind and number of projections; the settings bench.py times are
 train.py's presets, and its copies of train.py's layout, FLOP count and bf16 test are train.py's; a comparison whose
-rounds disagree is timed again (on a fake clock); OpenMP waits passively by default; section 4 runs the GPU's rows
-(on a CPU, with a small U-Net) in train.py's layout, beside NCSNv2's published network, with independent counts.
+rounds disagree is timed again, and from five rounds on one outlying round does not count (on a fake clock); short
+calls are repeated into rounds of a set length; OpenMP waits passively by default; section 4 runs the GPU's rows (on
+a CPU, with a small U-Net) in train.py's layout, beside NCSNv2's published network, with independent counts, and the
+CPU's rows with the rates of attention's products and convolution, whose shapes and FLOPs are checked by hand.
 No timing is asserted."""
 import ast
 
