@@ -22,12 +22,12 @@
    evaluation and one training step.
 
 Machines are noisy, so every comparison is a ratio of interleaved measurements (A B A B ..., medians) taken in the
-same run; a comparison whose rounds disagree (the max/min of its per-round ratios above AGREEMENT, over five rounds or
-more leaving out the highest and the lowest, as the median does) is timed for more rounds, within a bound, and each
-row says how many it took. Timings use time.perf_counter, with the device synchronised around each timed call on CUDA.
-OpenMP's threads wait passively (OMP_WAIT_POLICY=PASSIVE, set before torch loads OpenMP) unless the environment or
---omp-wait active says otherwise: a thread that spins while it waits for a partner that another process has
-descheduled made small steps up to 100x slower on a shared 2-core machine.
+same run; a comparison whose rounds disagree (the max/min of its per-round ratios above AGREEMENT; where it is judged
+over five rounds or more, leaving out the highest and the lowest, as the median does) is timed for more rounds, within
+a bound, and each row says how many it took. Timings use time.perf_counter, with the device synchronised around each
+timed call on CUDA. OpenMP's threads wait passively (OMP_WAIT_POLICY=PASSIVE, set before torch loads OpenMP) unless
+the environment or --omp-wait active says otherwise: a thread that spins while it waits for a partner that another
+process has descheduled made small steps up to 100x slower on a shared 2-core machine.
 """
 import os
 import sys
@@ -140,8 +140,9 @@ def interleaved_medians(fns, device, repeats, warmup=1, budget_s=math.inf):
 
 
 # A comparison is timed for more rounds while the max/min of its per-round ratios exceeds this: one disturbed round
-# (another process took a core mid-call) moves a ratio by far more than two undisturbed rounds differ. Over five
-# rounds or more the highest and lowest ratio are left out: one such round leaves their median alone.
+# (another process took a core mid-call) moves a ratio by far more than two undisturbed rounds differ. Where a
+# comparison is judged over five rounds or more, the highest and lowest ratio are left out: one such round leaves
+# their median alone.
 AGREEMENT = 1.15
 # Rounds over which section 4 takes attention's share of the step's time (fewer where its time budget runs out).
 ATTENTION_ROUNDS = 15
@@ -156,8 +157,8 @@ def ratio_spread(rounds, reference, trim=0):
 
 def agreeing_medians(fns, device, rounds, max_rounds, budget_s=math.inf, warmup=1, spread=AGREEMENT):
     """Median seconds per call of each fn in fns over `rounds` consecutive interleaved rounds whose time ratios to the
-    first fn agree: each ratio's max/min over them at most `spread`, leaving out its highest and lowest where there
-    are five rounds or more (their median ignores one outlying round, and so does the check). While the last `rounds`
+    first fn agree: each ratio's max/min over them at most `spread`, leaving out its highest and lowest where `rounds`
+    is five or more (their median ignores one outlying round, and so does the check). While the last `rounds`
     rounds disagree, one more is timed, up to max_rounds, or until budget_s has passed after the first `rounds`; then
     the medians are of every round timed. Returns ({name: median seconds}, {"timed", "used": rounds the medians are
     of, "spread": their ratio_spread, "trim": ratios left out at each end, "agreed", "limit": spread}, [per-round
@@ -178,14 +179,23 @@ def agreeing_medians(fns, device, rounds, max_rounds, budget_s=math.inf, warmup=
         return _medians(used), info, used
 
 
+def _calls(fn, calls):
+    """fn as one callable that calls it `calls` times and drops each result (kept until the end, large results would
+    make every call fault in fresh memory, and the time would be the allocator's)."""
+    def run():
+        for _ in range(calls):
+            fn()
+    return run
+
+
 def repeated(fns, device, round_s):
     """The fns in fns (a dict) wrapped so that one call of each makes `calls` calls of it, `calls` the fewest with
-    which the quickest (timed once here) lasts round_s: a round of calls of a few milliseconds is then long enough
-    that one hiccup of the machine (an interrupt, another process's time slice) moves its ratios by little. Returns
-    (the wrapped fns, calls); divide their times by calls."""
-    quickest = min(_timed(fn, device) for fn in fns.values())
+    which the quickest (its best of three calls timed here) lasts round_s: a round of calls of a few milliseconds is
+    then long enough that one hiccup of the machine (an interrupt, another process's time slice) moves its ratios by
+    little. Returns (the wrapped fns, calls); divide their times by calls."""
+    quickest = min(_timed(fn, device) for fn in fns.values() for _ in range(3))
     calls = max(1, math.ceil(round_s / quickest)) if quickest > 0 else 1
-    return {name: (lambda fn=fn: [fn() for _ in range(calls)]) for name, fn in fns.items()}, calls
+    return {name: _calls(fn, calls) for name, fn in fns.items()}, calls
 
 
 def agreement_note(info):
@@ -446,7 +456,7 @@ def bench_sampler_overhead(device, quick):
                      "note": agreement_note(agreement)})
     notes = ["overhead = annealed Langevin time / time of the same number of bare model calls under no_grad on inputs "
              f"of the same shape; interleaved, median; timed until the per-round ratios of consecutive rounds agree "
-             f"within {AGREEMENT} (max/min; from five rounds on, the highest and lowest left out), or a limit is "
+             f"within {AGREEMENT} (max/min{'' if quick else ', the highest and lowest left out'}), or a limit is "
              "reached (the note says which)."]
     return rows, notes
 
@@ -516,8 +526,7 @@ def attention_product_rates(model, shape, batch, device, calls=20):
             op()
         flops[name] = counter.get_total_flops()
     with torch.no_grad():
-        medians, _ = interleaved_medians({name: lambda op=op: [op() for _ in range(calls)] for name, op in ops.items()},
-                                         device, repeats=7)
+        medians, _ = interleaved_medians({name: _calls(op, calls) for name, op in ops.items()}, device, repeats=7)
     return {"shape": tuple(q.shape), "qkv input": tuple(x.shape),
             **{f"{name} GFLOP/s": calls * flops[name] / medians[name] / 1e9 for name in ops}}
 
@@ -630,7 +639,7 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, sett
         pair_rounds.append(next(more))
     time_shares = sorted(1 - r["without attention"] / r[attention_variant] for r in pair_rounds)
     time_share, flop_share = statistics.median(time_shares), 1 - gflops["without attention"] / gflops["ours"]
-    quartiles = statistics.quantiles(time_shares, n=4) if len(time_shares) > 1 else time_shares * 3
+    quartiles = statistics.quantiles(time_shares, n=4, method="inclusive")  # the section's rounds: at least 2
     attention = (f"attention: {time_share:.1%} of the step's time (median of {len(time_shares)} rounds, the middle "
                  f"half {quartiles[0]:.1%} to {quartiles[2]:.1%}), {flop_share:.1%} of its FLOPs; goal on a CPU: "
                  "time ≤ FLOPs + 1 point, "
@@ -688,11 +697,12 @@ def bench_unet(device, quick, compile_on_cpu=False, batch=None, model=None, sett
         rates = attention_product_rates(model, shape, batch, device)
         if rates:
             (b, n, d), blas = rates["shape"], "MKL" if torch.backends.mkl.is_available() else "the BLAS"
+            dnn = "oneDNN" if torch.backends.mkldnn.is_available() else "ATen's own kernel"
             matmul, conv = rates["matmul GFLOP/s"], rates["1x1 conv GFLOP/s"]
             notes.append(f"attention's share of the time can only come near its share of the FLOPs where its two "
                          f"kinds of work run at similar rates. In fp32, its matrix products q k^T ({b} x {n}x{d} by "
                          f"{d}x{n}, torch.matmul: {blas}) ran at {matmul:.0f} GFLOP/s, and its qkv 1x1 convolution "
-                         f"(input {'x'.join(map(str, rates['qkv input']))}, channels_last: oneDNN) at {conv:.0f}, "
+                         f"(input {'x'.join(map(str, rates['qkv input']))}, channels_last: {dnn}) at {conv:.0f}, "
                          f"{conv / matmul:.2f}x as fast (forward only, same run).")
         notes.append("this CPU has native bf16: train.py --precision bf16 runs bf16 autocast on it." if
                      runs.cpu_has_native_bf16() else "this CPU has no native bf16: the bf16 row is emulated bf16, and "

@@ -7,6 +7,7 @@ a CPU, with a small U-Net) in train.py's layout, beside NCSNv2's published netwo
 CPU's rows with the rates of attention's products and convolution, whose shapes and FLOPs are checked by hand.
 No timing is asserted."""
 import ast
+import weakref
 
 import pytest
 import torch
@@ -106,23 +107,47 @@ def test_a_comparison_is_timed_until_its_rounds_agree(monkeypatch):
 
 
 def test_short_calls_are_repeated_until_a_round_of_the_quickest_lasts_long_enough(monkeypatch):
-    """repeated: from one timed call of each (2 ms and 3 ms here, on the fake clock), a round of 50 ms takes 25 calls
-    of each, and one call of a wrapped fn makes them."""
+    """repeated: from the best of three timed calls of each (2 ms and 3 ms here, on the fake clock), a round of 50 ms
+    takes 25 calls of each, and one call of a wrapped fn makes them, dropping each result before the next call."""
     calls = fake_clock(monkeypatch)
-    counts = {"a": 0, "b": 0}
+    counts, alive = {"a": 0, "b": 0}, []
+
+    class Result(float):
+        pass
 
     def fake(name, seconds):
         def fn():
+            alive.append(sum(ref() is not None for ref in results))  # earlier results still held when this one starts
             counts[name] += 1
-            return seconds
+            result = Result(seconds)
+            results.append(weakref.ref(result))
+            return result
         fn.__name__ = name
         return fn
 
+    results = []
     wrapped, n = bench.repeated({"a": fake("a", 0.002), "b": fake("b", 0.003)}, torch.device("cpu"), 0.05)
-    assert n == 25 and calls == ["a", "b"] and counts == {"a": 1, "b": 1}
+    assert n == 25 and calls == ["a"] * 3 + ["b"] * 3 and counts == {"a": 3, "b": 3}
+    alive.clear()
     wrapped["b"]()
-    assert counts == {"a": 1, "b": 26}
+    assert counts == {"a": 3, "b": 28} and alive == [0] * 25
     assert bench.repeated({"a": fake("a", 0.2)}, torch.device("cpu"), 0.05)[1] == 1
+
+
+def test_section_1_gives_the_time_of_one_step_where_a_round_repeats_them(monkeypatch):
+    """bench_step_cost: the cheap objectives' round medians are of `calls` steps, so their ms / step is a median over
+    calls; exact SM, timed a step a round, is not divided (fake timings: no step is run)."""
+    monkeypatch.setattr(bench, "_timed", lambda fn, device: 0.001)
+    monkeypatch.setattr(bench, "repeated", lambda fns, device, round_s: (fns, 10))
+    per_round = {"dsm": 0.5, "ssm": 0.8, "ssm-vr": 0.9}
+    info = dict(timed=5, used=5, spread=1.0, trim=1, agreed=True, limit=bench.AGREEMENT)
+    monkeypatch.setattr(bench, "agreeing_medians", lambda fns, device, **kw: ({n: per_round[n] for n in fns}, info, []))
+    monkeypatch.setattr(bench, "interleaved_medians", lambda fns, device, **kw: ({n: 0.05 for n in fns}, 9))
+    rows, _ = bench.bench_step_cost(torch.device("cpu"), quick=True)
+    at_2 = {row["objective"]: row for row in rows if row["D"] == 2}
+    assert [at_2[n]["ms / step"] for n in per_round] == pytest.approx([50.0, 80.0, 90.0])
+    assert at_2["ssm-vr"]["time / DSM"] == pytest.approx(1.8) and at_2["dsm"]["note"].startswith("10 steps a round")
+    assert at_2["exact (loop)"]["ms / step"] == pytest.approx(50.0) and at_2["exact (loop)"]["time / DSM"] == 1.0
 
 
 def test_openmp_waits_passively_unless_the_environment_or_the_flag_says_otherwise():
